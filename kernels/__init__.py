@@ -1,0 +1,1 @@
+"""Fused Triton kernels of LCR (installed as ``lcr_fast.kernels``)."""

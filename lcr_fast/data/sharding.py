@@ -1,0 +1,28 @@
+"""Which samples a rank reads in an epoch: a pure function of (seed, epoch, rank), shared by both backends."""
+from __future__ import annotations
+
+import torch
+
+
+def stream_seed(seed: int, epoch: int, shard_id: int = 0) -> int:
+    """A distinct, reproducible seed for one rank's epoch (augmentation streams, shuffles)."""
+    return (seed * 1_000_003 + epoch * 10_007 + shard_id) % (2**62)
+
+
+def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> list[int]:
+    """This rank's sample indices for ``epoch``, in batch order.
+
+    Global step s covers permutation slots [s*G, (s+1)*G) with G = batch_size * num_shards, and rank r
+    takes the r-th block of ``batch_size`` of them. So every rank gets the same number of steps, no
+    sample is read twice in an epoch, and a run on N ranks sees the same global batches as one rank
+    with an N-times larger batch. The tail that cannot fill a global batch is dropped (as the
+    reference's ``drop_last``) and, the permutation being new each epoch, differs between epochs.
+    """
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
+    generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
+    perm = torch.randperm(num_samples, generator=generator)
+    global_batch = batch_size * num_shards
+    steps = num_samples // global_batch
+    blocks = perm[: steps * global_batch].view(steps, num_shards, batch_size)
+    return blocks[:, shard_id].reshape(-1).tolist()

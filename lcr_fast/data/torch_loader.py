@@ -1,0 +1,125 @@
+"""The torchvision/PIL data path: the reference's own pipeline, and the fallback where DALI is missing."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .folder import FolderIndex
+from .sharding import epoch_indices, stream_seed
+from .transforms import eval_transform, two_view_transforms
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class _FolderDataset(Dataset):
+    """Images of a FolderIndex through ``transform``; a file that fails to decode at read time is
+    replaced by the next usable one (with a warning) so that a damaged file cannot end a run."""
+
+    def __init__(self, index: FolderIndex, transform: Callable):
+        self.index = index
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, i: int):
+        for offset in range(len(self.index.samples)):
+            path, label = self.index.samples[(i + offset) % len(self.index.samples)]
+            try:
+                img = _load_rgb(path)
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"skipping unreadable image {path}: {exc}")
+                continue
+            return self.transform(img), label
+        raise RuntimeError("no readable image left in the dataset")
+
+
+class _TwoViews:
+    def __init__(self, view1: Callable, view2: Callable):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, img: Image.Image):
+        return self.view1(img), self.view2(img)
+
+
+class TorchTrainLoader:
+    """Two-view batches ``(view1, view2, labels)`` for one rank's shard, on ``device``.
+
+    The permutation of an epoch depends only on (seed, epoch), and the augmentation streams are
+    seeded from the same pair, so ``set_epoch(e)`` after a restart reproduces epoch e exactly.
+    """
+
+    def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device,
+                 num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1):
+        self.index = index
+        self.classes = index.classes
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.dataset = _FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
+        self.epoch = 0
+        if len(self) == 0:
+            raise ValueError(
+                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index) // (self.batch_size * self.num_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        indices = epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.shard_id))
+        # With workers, each worker's RNG derives from this generator; without, the transforms draw
+        # from the global RNG, which is therefore seeded from the same (seed, epoch, shard).
+        if self.num_workers == 0:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        loader = DataLoader(
+            torch.utils.data.Subset(self.dataset, indices),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
+            persistent_workers=False,
+        )
+        for (view1, view2), labels in loader:
+            yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+class TorchEvalLoader:
+    """Single-view evaluation batches ``(images, labels)`` in file order (no shuffling, no drop)."""
+
+    def __init__(self, index: FolderIndex, batch_size: int, image_size: int, device: torch.device, num_workers: int,
+                 shard_id: int = 0, num_shards: int = 1, transform: Callable | None = None):
+        self.index = index
+        self.classes = index.classes
+        self.device = torch.device(device)
+        samples = list(range(shard_id, len(index), num_shards))
+        self.loader = DataLoader(
+            torch.utils.data.Subset(_FolderDataset(index, transform or eval_transform(image_size)), samples),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
