@@ -1,6 +1,9 @@
-"""Test-wide settings: Triton runs interpreted on CPU tensors, and nothing may reach the network."""
+"""Test-wide settings shared by every test module."""
 import os
 
-# Must be set before triton is first imported: @triton.jit reads it when a kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch_home_unused"))
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It must be chosen
+# before triton is first imported, because @triton.jit reads it when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
