@@ -1,0 +1,104 @@
+"""Checkpoint files: written atomically, read without executing code.
+
+A training checkpoint is one file holding the model (our key names), the optimizer, the schedule
+position (epoch, step), every RNG state and the final config, so ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that needs arbitrary code to unpickle."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: str | os.PathLike, trust_file: bool = False) -> Any:
+    """torch.load with ``weights_only=True``: tensors and plain containers only; a pickle that
+    would run code is refused. ``trust_file=True`` is the explicit opt-out for a file you trust."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if trust_file:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refused to load {path!r}: it contains objects other than tensors and plain containers, which could "
+            f"run code when unpickled ({str(exc).splitlines()[0]}). If you trust the file, load it with trust_file=True."
+        ) from exc
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             epoch: int, step: int, config: dict, extra: dict | None = None) -> None:
+    """``epoch`` is the next epoch to run and ``step`` the number of optimizer steps taken."""
+    atomic_save({
+        "format": "lcr-fast/1",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(),
+        "config": config,
+        "extra": extra or {},
+    }, path)
+
+
+def load_training_checkpoint(path: str | os.PathLike, trust_file: bool = False) -> dict:
+    ckpt = safe_load(path, trust_file=trust_file)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "lcr-fast/1":
+        raise ValueError(f"{os.fspath(path)!r} is not an lcr-fast training checkpoint "
+                         "(for the reference's files use lcr_fast.compat.load_reference_checkpoint)")
+    return ckpt

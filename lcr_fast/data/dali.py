@@ -1,0 +1,423 @@
+"""DALI input pipelines: the reference's two-view recipes and its evaluation transform.
+
+One graph serves every recipe and both devices: ``mixed`` (nvJPEG) decoding and GPU operators when
+the loader's device is CUDA, DALI's CPU backend otherwise. All randomness is drawn in Python (numpy,
+seeded per rank, epoch and step) and fed to the graph next to the encoded files through one
+``external_source``. That keeps the graph a pure function of its inputs, which buys:
+
+- exact torchvision sampling where it matters (RandomResizedCrop's ten attempts and fallback,
+  ColorJitter's random order of its four operations, per-sample probabilities);
+- determinism independent of DALI's RNG, thread count and prefetching: epoch e of a fresh loader
+  equals epoch e of a long run, and a pipeline rebuilt after a decode failure resumes mid-epoch
+  with the very same batches;
+- epochs that DALI cannot skip or merge: Python feeds exactly the batches of ``epoch_indices`` and
+  the external source ends the epoch when they are used up.
+
+How the recipes map to DALI operators (torchvision order: crop, flip, jitter, grayscale, blur,
+solarize; flipping commutes with every later step, so it is fused into the final normalisation):
+
+- RandomResizedCrop: box drawn as torchvision does, then ``fn.resize`` of that ROI to S x S with
+  antialiasing (cubic for BYOL and evaluation, linear for MoCo v2 as torchvision's default).
+- ColorJitter (p .8) and RandomGrayscale (p .2): brightness, contrast, saturation and hue are all
+  affine in RGB, so the jitter in its drawn order followed by grayscale collapses into one
+  ``out = M x + K m`` per sample, where m is the crop's mean colour (contrast blends with the mean
+  grey of the image at that point, which is linear in m). Evaluated with ``fn.reductions.mean`` and
+  ``fn.coord_transform``. Deviations: intermediate values are not clipped to [0, 255] between the
+  four operations (only the result is), and hue is a rotation of RGB about the grey axis by
+  360 * h degrees (h in [-.1, .1] -> +-36 degrees) instead of a shift in HSV; of the linear hue
+  approximations this is the closest to torchvision's (mean abs. difference about 17/255 at h = .1,
+  DALI's own YIQ rotation about 22/255).
+- GaussianBlur: ``fn.gaussian_blur`` with sigma U(0.1, 2), run only on the samples that draw it
+  (DALI conditionals). torchvision's window is ``blur_kernel_size(S)`` (23 px at 224); ours is cut
+  to 4 sigma on each side when that is narrower, which drops taps that together weigh under 1e-4
+  and makes the blur, the most expensive step on the CPU, about twice as fast. MoCo v2's PIL blur
+  takes a radius equal to sigma, so the same operator serves it.
+- Solarize (threshold 128): integer arithmetic on the drawn samples only.
+- ToTensor + Normalize + flip: ``fn.crop_mirror_normalize`` to float32 NCHW.
+- Evaluation: Resize(int(S * 8/7), bicubic) + CenterCrop(S) is the single ROI resize of the box that
+  the crop cuts out of the resized image.
+
+Decoding ignores EXIF orientation, as PIL's loader in torchvision's ImageFolder does.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from PIL import Image
+
+from .folder import DatasetError, FolderIndex
+from .sharding import epoch_indices, stream_seed
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, eval_resize
+
+GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's convert("L")
+_CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+_PREFETCH = 2
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view's augmentation. ``crop_scale`` None means the evaluation resize + centre crop."""
+
+    crop_scale: tuple[float, float] | None
+    cubic: bool
+    flip: bool = False
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.0
+    grey_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+
+    @property
+    def colour(self) -> bool:
+        return self.jitter_p > 0 or self.grey_p > 0
+
+
+def _byol_view(blur_p: float, solarize_p: float) -> ViewSpec:
+    return ViewSpec((0.08, 1.0), cubic=True, flip=True, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grey_p=0.2,
+                    blur_p=blur_p, solarize_p=solarize_p)
+
+
+_MOCO_VIEW = ViewSpec((0.2, 1.0), cubic=False, flip=True, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2, blur_p=0.5)
+RECIPE_VIEWS: dict[str, tuple[ViewSpec, ...]] = {
+    "byol": (_byol_view(blur_p=1.0, solarize_p=0.0), _byol_view(blur_p=0.1, solarize_p=0.2)),
+    "mocov2": (_MOCO_VIEW, _MOCO_VIEW),
+}
+EVAL_VIEW = ViewSpec(None, cubic=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random parameters, drawn in Python. Each function returns per-sample arrays for ``n`` samples.
+
+def random_crop_boxes(sizes: np.ndarray, scale: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's RandomResizedCrop.get_params for images of ``sizes`` [n, 2] (H, W), vectorised.
+
+    Returns the boxes' top-left and bottom-right corners, [n, 2] each in (y, x) order.
+    """
+    n = len(sizes)
+    height, width = sizes[:, :1].astype(np.float64), sizes[:, 1:].astype(np.float64)
+    area = height * width * rng.uniform(scale[0], scale[1], (n, _CROP_ATTEMPTS))
+    ratio = np.exp(rng.uniform(math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]), (n, _CROP_ATTEMPTS)))
+    w = np.round(np.sqrt(area * ratio))  # round half to even, as Python's round in torchvision
+    h = np.round(np.sqrt(area / ratio))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found = fits.any(axis=1)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    h, w = h[rows, first], w[rows, first]
+    height, width = height[:, 0], width[:, 0]
+
+    # No attempt fitted: the largest centred box whose aspect ratio is clamped into the range.
+    in_ratio = width / height
+    fb_w = np.where(in_ratio > _CROP_RATIO[1], np.round(height * _CROP_RATIO[1]), width)
+    fb_h = np.where(in_ratio < _CROP_RATIO[0], np.round(width / _CROP_RATIO[0]), height)
+    h, w = np.where(found, h, fb_h), np.where(found, w, fb_w)
+    top = np.where(found, rng.integers(0, (height - h + 1).astype(np.int64)), (height - h) // 2)
+    left = np.where(found, rng.integers(0, (width - w + 1).astype(np.int64)), (width - w) // 2)
+    start = np.stack([top, left], axis=1)
+    return start, start + np.stack([h, w], axis=1)
+
+
+def centre_crop_boxes(sizes: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The box of the original image that Resize(int(S*8/7)) + CenterCrop(S) keeps, in (y, x) order."""
+    resize = eval_resize(image_size)
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    short = np.minimum(height, width)
+    # torchvision: the shorter side becomes `resize`, the longer one int(resize * long / short).
+    new_h = np.where(height <= width, resize, np.floor(resize * height / short))
+    new_w = np.where(height <= width, np.floor(resize * width / short), resize)
+    top = np.round((new_h - image_size) / 2)
+    left = np.round((new_w - image_size) / 2)
+    sy, sx = height / new_h, width / new_w
+    start = np.stack([top * sy, left * sx], axis=1)
+    end = np.stack([(top + image_size) * sy, (left + image_size) * sx], axis=1)
+    return start, end
+
+
+def _hue_rotation(h: float) -> np.ndarray:
+    """Rotation of RGB about the grey axis by 2*pi*h (Rodrigues); positive h turns red towards yellow."""
+    k = np.ones(3) / math.sqrt(3)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    angle = 2 * math.pi * h
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (M, K), [n, 3, 3] each, such that jitter-then-greyscale maps a crop x to M x + K m,
+    m being the crop's mean colour.
+
+    The image after each step is kept as A x + U m. Brightness, saturation, hue and greyscale are
+    linear maps L (A, U -> L A, L U); contrast f blends with the current mean grey g.(A + U) m.
+    """
+    b, c, s, h = spec.jitter
+    jitter = rng.random(n) < spec.jitter_p
+    factors = np.stack([rng.uniform(1 - b, 1 + b, n), rng.uniform(1 - c, 1 + c, n),
+                        rng.uniform(1 - s, 1 + s, n), rng.uniform(-h, h, n)], axis=1)
+    orders = rng.permuted(np.tile(np.arange(4), (n, 1)), axis=1)
+    grey = rng.random(n) < spec.grey_p
+    to_grey = np.outer(np.ones(3), GREY)
+    M, K = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3, 3))
+    for i in np.flatnonzero(jitter | grey):
+        A, U = np.eye(3), np.zeros((3, 3))
+        for op in orders[i] if jitter[i] else ():
+            f = factors[i, op]
+            if op == 1:
+                A, U = f * A, f * U + (1 - f) * to_grey @ (A + U)
+                continue
+            L = (f * np.eye(3), None, f * np.eye(3) + (1 - f) * to_grey, _hue_rotation(f))[op]
+            A, U = L @ A, L @ U
+        if grey[i]:
+            A, U = to_grey @ A, to_grey @ U
+        M[i], K[i] = A, U
+    return M.astype(np.float32), K.astype(np.float32)
+
+
+def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> list[list[np.ndarray]]:
+    """The per-sample inputs of one view, in the order ``_graph`` consumes them."""
+    n = len(sizes)
+    if spec.crop_scale is None:
+        start, end = centre_crop_boxes(sizes, image_size)
+    else:
+        start, end = random_crop_boxes(sizes, spec.crop_scale, rng)
+    mirror = (rng.random(n) < 0.5) if spec.flip else np.zeros(n, dtype=bool)
+    params = [list(start.astype(np.float32)), list(end.astype(np.float32)), list(mirror.astype(np.int32))]
+    if spec.colour:
+        params += [list(a) for a in colour_transforms(n, spec, rng)]
+    if spec.blur_p:
+        sigma = rng.uniform(0.1, 2.0, n)
+        radius = np.minimum(np.ceil(4 * sigma), blur_kernel_size(image_size) // 2)
+        params += [list(rng.random(n) < spec.blur_p), list(sigma.astype(np.float32)), list((2 * radius + 1).astype(np.int32))]
+    if spec.solarize_p:
+        params.append(list(rng.random(n) < spec.solarize_p))
+    return params
+
+
+def _num_params(spec: ViewSpec) -> int:
+    return 3 + 2 * spec.colour + 3 * bool(spec.blur_p) + bool(spec.solarize_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph.
+
+@pipeline_def(enable_conditionals=True)
+def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder_device: str):
+    inputs = fn.external_source(source=feed, num_outputs=2 + sum(_num_params(v) for v in views), batch=True)
+    encoded, labels, params = inputs[0], inputs[1], iter(inputs[2:])
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+    outputs = []
+    for spec in views:
+        roi_start, roi_end, mirror = next(params), next(params), next(params)
+        x = fn.resize(images, size=[image_size, image_size], roi_start=roi_start, roi_end=roi_end,
+                      interp_type=types.INTERP_CUBIC if spec.cubic else types.INTERP_LINEAR, antialias=True)
+        if spec.colour:
+            M, K = next(params), next(params)
+            mean = fn.reshape(fn.reductions.mean(x, axis_names="HW"), shape=[1, 3])
+            offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[1, 1, 3])
+            x = fn.cast(fn.coord_transform(x, M=M) + offset, dtype=types.UINT8)  # saturating cast clips to [0, 255]
+        if spec.blur_p:
+            blur, sigma, window = next(params), next(params), next(params)
+            if blur:
+                x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
+        if spec.solarize_p:
+            solarize = next(params)
+            if solarize:
+                x = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+        outputs.append(fn.crop_mirror_normalize(
+            x, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+            mean=[255 * v for v in IMAGENET_MEAN], std=[255 * v for v in IMAGENET_STD]))
+    return (*outputs, labels)
+
+
+def _decode_error(data: np.ndarray) -> str | None:
+    """Why DALI's CPU decoder rejects ``data``, or None. A fresh pipeline, as a failed one is spent."""
+
+    @pipeline_def
+    def probe():
+        return fn.decoders.image(fn.external_source(source=lambda: [data], batch=True), device="cpu")
+
+    pipe = probe(batch_size=1, num_threads=1, device_id=None)
+    try:
+        pipe.build()
+        pipe.run()
+    except Exception as exc:  # DALI reports decoder failures as RuntimeError, some setups as others
+        return f"DALI cannot decode it: {str(exc).splitlines()[0]}"
+    return None
+
+
+class _Runner:
+    """A DALI pipeline fed batch by batch from Python, yielding torch tensors on ``device``.
+
+    A file that passed the FolderIndex checks but that DALI still cannot decode fails its whole
+    batch; the runner then finds the file, replaces it (from then on) by the next usable sample as
+    the torchvision loader does, rebuilds the pipeline and resumes at the failed step.
+    """
+
+    def __init__(self, index: FolderIndex, views: tuple[ViewSpec, ...], batch_size: int, image_size: int,
+                 device: torch.device | str, num_threads: int):
+        self.index = index
+        self.views = views
+        self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
+        self.device = torch.device(device)
+        self.bad: set[int] = set()
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._pending: Iterator[tuple] = iter(())
+        self._pipe = None
+
+    def _feed(self) -> tuple:
+        return next(self._pending)  # StopIteration ends DALI's epoch
+
+    def _build(self):
+        gpu = self.device.type == "cuda"
+        pipe = _graph(self._feed, self.views, self.image_size, "mixed" if gpu else "cpu",
+                      batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=_PREFETCH)
+        pipe.build()
+        return pipe
+
+    def _usable(self, i: int) -> int:
+        if len(self.bad) == len(self.index):
+            raise DatasetError(f"no image of {str(self.index.root)!r} can be decoded")
+        while i in self.bad:
+            i = (i + 1) % len(self.index)
+        return i
+
+    def _read(self, i: int) -> np.ndarray:
+        data = np.fromfile(self.index.samples[i][0], dtype=np.uint8)
+        if i not in self._sizes:
+            with Image.open(io.BytesIO(data)) as img:  # parses the header only
+                self._sizes[i] = (img.height, img.width)
+        return data
+
+    def _batch(self, step: int, indices: Sequence[int], params: Callable[[int, np.ndarray], list]) -> tuple:
+        indices = [self._usable(i) for i in indices]
+        encoded = [self._read(i) for i in indices]
+        labels = [np.int64(self.index.samples[i][1]) for i in indices]
+        sizes = np.array([self._sizes[i] for i in indices])
+        return (encoded, labels, *params(step, sizes))
+
+    def _find_bad(self, batches: Sequence[Sequence[int]]) -> bool:
+        found = False
+        for i in sorted({self._usable(i) for batch in batches for i in batch}):
+            try:
+                reason = _decode_error(self._read(i))
+            except (OSError, ValueError) as exc:
+                reason = f"cannot read it: {type(exc).__name__}: {exc}"
+            if reason:
+                path = self.index.samples[i][0]
+                warnings.warn(f"skipping {path}: {reason}")
+                self.index.skipped.append((path, reason))
+                self.bad.add(i)
+                found = True
+        return found
+
+    def _to_torch(self, outputs) -> list[torch.Tensor]:
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        tensors = []
+        for out in outputs[:-1]:
+            dali_tensor = out.as_tensor()
+            tensor = torch.empty(dali_tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(dali_tensor, tensor, cuda_stream=stream)
+            tensors.append(tensor)
+        labels = torch.from_numpy(np.array(outputs[-1].as_tensor())).to(self.device, non_blocking=True)
+        return tensors + [labels]
+
+    def run(self, batches: Sequence[Sequence[int]], params: Callable[[int, np.ndarray], list]) -> Iterator[list[torch.Tensor]]:
+        """One epoch: the outputs of ``batches`` (lists of sample indices) in order."""
+        done, finished = 0, False
+        try:
+            while not finished:
+                self._pending = (self._batch(s, batches[s], params) for s in range(done, len(batches)))
+                self._pipe = self._pipe or self._build()
+                try:
+                    while True:
+                        outputs = self._pipe.run()
+                        done += 1
+                        yield self._to_torch(outputs)
+                except StopIteration:
+                    self._pipe.reset()
+                    finished = True
+                except RuntimeError:
+                    self._pipe = None
+                    # The failure may belong to any batch already queued behind the current one.
+                    if not self._find_bad(batches[done: done + _PREFETCH + 1]):
+                        raise
+        finally:
+            if not finished:
+                self._pipe = None  # batches of an abandoned epoch may still be queued in it
+
+
+class DaliTrainLoader:
+    """Two-view batches ``(view1, view2, labels)`` of one rank's shard, on ``device``.
+
+    Reads exactly the batches of ``epoch_indices`` (as the torchvision loader), with augmentation
+    parameters drawn from ``stream_seed(seed, epoch, shard_id)`` and the step, so ``set_epoch(e)``
+    on a fresh loader reproduces epoch e.
+    """
+
+    def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device | str,
+                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1):
+        if recipe not in RECIPE_VIEWS:
+            raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {tuple(RECIPE_VIEWS)}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
+        self.index = index
+        self.classes = index.classes
+        self.recipe = recipe
+        self.batch_size, self.image_size = batch_size, image_size
+        self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
+        self.epoch = 0
+        if len(self) == 0:
+            raise ValueError(
+                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
+            )
+        self._runner = _Runner(index, RECIPE_VIEWS[recipe], batch_size, image_size, device, num_threads)
+
+    def __len__(self) -> int:
+        return len(self.index) // (self.batch_size * self.num_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _params(self, step: int, sizes: np.ndarray) -> list:
+        rng = np.random.default_rng([stream_seed(self.seed, self.epoch, self.shard_id), step])
+        return [p for spec in RECIPE_VIEWS[self.recipe] for p in view_params(spec, sizes, self.image_size, rng)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        indices = epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
+        batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        for view1, view2, labels in self._runner.run(batches, self._params):
+            yield view1, view2, labels
+
+
+class DaliEvalLoader:
+    """Evaluation batches ``(images, labels)`` of samples ``shard_id::num_shards`` in file order, the
+    last batch possibly smaller: Resize(int(S*8/7), bicubic) + CenterCrop(S) + ImageNet normalisation."""
+
+    def __init__(self, index: FolderIndex, batch_size: int, image_size: int, device: torch.device | str,
+                 num_threads: int, shard_id: int = 0, num_shards: int = 1):
+        self.index = index
+        self.classes = index.classes
+        self.image_size = image_size
+        samples = list(range(shard_id, len(index), num_shards))
+        if not samples:
+            raise DatasetError(f"{str(index.root)!r} has no image for shard {shard_id} of {num_shards}")
+        self._batches = [samples[i: i + batch_size] for i in range(0, len(samples), batch_size)]
+        self._runner = _Runner(index, (EVAL_VIEW,), batch_size, image_size, device, num_threads)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def _params(self, step: int, sizes: np.ndarray) -> list:
+        return view_params(EVAL_VIEW, sizes, self.image_size, None)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._runner.run(self._batches, self._params):
+            yield images, labels

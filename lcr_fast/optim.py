@@ -1,0 +1,126 @@
+"""Optimisers and learning-rate schedules of the reference (``optimizers/`` in GANPerf/LCR)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def lars_param_groups(model: nn.Module) -> list[dict]:
+    """The reference's split: BatchNorm parameters and every bias are excluded from weight decay and
+    trust-ratio adaptation ("exclude"); other weights are adapted ("base"). Frozen parameters (the EMA
+    target) are left out, as they never receive a gradient."""
+    base, exclude = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, _BATCHNORMS) or name == "bias":
+                exclude.append(param)
+            elif name == "weight":
+                base.append(param)
+            else:
+                raise ValueError(f"parameter {name!r} of {type(module).__name__} fits neither LARS group")
+    return [{"name": "base", "params": base}, {"name": "exclude", "params": exclude}]
+
+
+class LARS(Optimizer):
+    """``lars_simclr``: layer-wise trust ratio ``trust_coef * |w| / |g|`` with weight decay added to the gradient.
+
+    The reference reads a velocity it never stores, so its momentum has no effect: ``keep_momentum``
+    False reproduces that, True keeps the buffer (heavy-ball momentum, as LARS intends).
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 1.5e-6,
+                 trust_coef: float = 1e-3, keep_momentum: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef)
+        super().__init__(param_groups, defaults)
+        self.keep_momentum = keep_momentum
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            adapt = group["name"] != "exclude"
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if adapt:
+                    grad.add_(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    # torch.where instead of the reference's Python `if` keeps the step free of host syncs.
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coef"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    update = (group["lr"] * trust) * grad
+                else:
+                    update = group["lr"] * grad
+                if self.keep_momentum:
+                    state = self.state[p]
+                    if "velocity" in state:
+                        update = state["velocity"].mul_(group["momentum"]).add_(update)
+                    else:
+                        state["velocity"] = update.clone()
+                p.sub_(update)
+        return loss
+
+
+def build_optimizer(cfg, model: nn.Module) -> Optimizer:
+    opt = cfg.train.optimizer
+    lr = scaled_lr(cfg.train.base_lr, cfg.train.batch_size)
+    if opt.name == "lars_simclr":
+        return LARS(lars_param_groups(model), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                    trust_coef=opt.trust_coef, keep_momentum=cfg.fixes.lars_momentum)
+    if opt.name == "sgd":
+        # As the reference: the predictor in its own group, which the schedule keeps at the base rate.
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"name": "base", "params": [p for n, p in named if not n.startswith("predictor.")]},
+                  {"name": "predictor", "params": [p for n, p in named if n.startswith("predictor.")]}]
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    raise ValueError(f"unknown optimizer {opt.name!r}")
+
+
+def scaled_lr(lr: float, batch_size: int) -> float:
+    """The reference's linear scaling rule: lr * batch / 256."""
+    return lr * batch_size / 256
+
+
+class WarmupCosineSchedule:
+    """Per-iteration linear warmup then cosine decay to ``final_lr``, over ``num_epochs`` epochs.
+
+    ``lr(step)`` is the rate optimizer step ``step`` (0-based) runs at. The reference advances its
+    scheduler after each step, so its first step runs at the optimizer's initial (un-warmed) rate
+    and step i >= 1 at schedule[i-1]; ``warmup_first_step`` makes step i run at schedule[i].
+    """
+
+    def __init__(self, cfg, steps_per_epoch: int):
+        t, bs = cfg.train, cfg.train.batch_size
+        warmup = steps_per_epoch * t.warmup_epochs
+        decay = steps_per_epoch * (t.num_epochs - t.warmup_epochs)
+        base, final = scaled_lr(t.base_lr, bs), scaled_lr(t.final_lr, bs)
+        cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(decay) / decay))
+        self.schedule = np.concatenate((np.linspace(scaled_lr(t.warmup_lr, bs), base, warmup), cosine))
+        self.base_lr = base
+        self.shift = 0 if cfg.fixes.warmup_first_step else 1
+
+    def lr(self, step: int) -> float:
+        index = step - self.shift
+        if index < 0:
+            return self.base_lr
+        return float(self.schedule[min(index, len(self.schedule) - 1)])
+
+    def apply(self, optimizer: Optimizer, step: int) -> float:
+        """Set every group's rate for ``step`` (a "predictor" group stays at the base rate) and return it."""
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = self.base_lr if group.get("name") == "predictor" else lr
+        return lr
+
+
+def cosine_epoch_lr(base_lr: float, epoch: int, num_epochs: int) -> float:
+    """MoCo's per-epoch cosine: base * 0.5 * (1 + cos(pi * epoch / epochs))."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / num_epochs))

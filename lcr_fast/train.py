@@ -1,0 +1,233 @@
+"""Train BYOL or MoCo v2 with the LCR rationale branch; evaluate by kNN and retrieval.
+
+One GPU, several, or the CPU (gloo), always through DeepSpeed:
+
+    deepspeed lcr_fast/train.py -c configs/byol_cub200.yaml --data_dir /data/CUB_200_2011 \
+        --log_dir runs/cub --ckpt_dir runs/cub/ckpt
+    deepspeed --num_gpus 8 lcr_fast/train.py -c configs/byol_cub200.yaml --data_dir ... train.batch_size=256
+    python lcr_fast/train.py -c configs/demo.yaml --data_dir data/synthetic --log_dir runs/demo --ckpt_dir runs/demo/ckpt
+    python lcr_fast/train.py ... --resume                        # continue from <ckpt_dir>/last.pt
+    python lcr_fast/train.py ... --eval_from runs/cub/ckpt/last.pt   # evaluate only (ours or a reference .pth)
+
+Trailing ``section.key=value`` arguments override the config (``train.stop_at_epoch=2``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script, Python put lcr_fast/ itself first on sys.path, where our module names (config,
+    # data, models, ...) would shadow others'; the repository root goes there instead.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lcr_fast import engine as eng
+from lcr_fast.checkpoint import load_training_checkpoint, save_training_checkpoint, set_rng_state
+from lcr_fast.compat import export_reference_checkpoint, load_state_strict
+from lcr_fast.config import Config, load_config, recipe_for, save_config
+from lcr_fast.data import build_eval_loader, build_train_loader, check_same_classes, scan_split
+from lcr_fast.eval.features import evaluate
+from lcr_fast.models import build_model
+from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
+from lcr_fast.run_log import RunLog
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train BYOL / MoCo v2 with LCR.", epilog="Trailing section.key=value arguments override the config.")
+    p.add_argument("-c", "--config-file", required=True, help="YAML config (the reference's files work unchanged)")
+    p.add_argument("--data_dir", default=os.getenv("DATA"), help="ImageFolder root with train/ and test/ (env DATA)")
+    p.add_argument("--log_dir", default=os.getenv("LOG"), help="where logs and results go (env LOG)")
+    p.add_argument("--ckpt_dir", default=os.getenv("CHECKPOINT"), help="where checkpoints go (env CHECKPOINT)")
+    p.add_argument("--hide_progress", action="store_true", help="no progress bars")
+    p.add_argument("--eval_from", default=None, help="evaluate this checkpoint (ours or the reference's) instead of training")
+    p.add_argument("--debug", action="store_true", help="tiny run: batch 2, one epoch, 8 images")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint (default <ckpt_dir>/last.pt)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args(argv)
+    missing = [name for name in ("data_dir", "log_dir", "ckpt_dir") if getattr(args, name) is None]
+    if missing:
+        p.error(f"missing {', '.join('--' + m for m in missing)} (or the DATA / LOG / CHECKPOINT environment variables)")
+    return args
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.debug:
+        # As the reference's --debug: a couple of tiny steps to check that everything runs.
+        overrides += ["train.batch_size=2", "train.num_epochs=1", "train.stop_at_epoch=1", "train.warmup_epochs=0",
+                      "dataset.num_workers=0", "eval.batch_size=2"]
+    cfg = load_config(args.config_file, overrides)
+    if cfg.seed is None:
+        cfg["seed"] = random.SystemRandom().randrange(2**31)  # recorded, so every run can be repeated
+    return cfg
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_data(cfg: Config, args: argparse.Namespace, info: eng.DistInfo):
+    """Index and check both splits before any model is built, so bad data fails in seconds."""
+    train_index = scan_split(args.data_dir, "train")
+    test_index = scan_split(args.data_dir, "test")
+    check_same_classes(train_index, test_index)
+    if args.debug:
+        train_index.samples, test_index.samples = train_index.samples[:8], test_index.samples[:8]
+    per_rank = cfg.train.batch_size // info.world_size
+    eval_batch = cfg.data.eval_batch_size or per_rank
+    threads = cfg.dataset.num_workers
+    train = build_train_loader(args.data_dir, recipe_for(cfg), per_rank, cfg.dataset.image_size, cfg.data.backend, info.device,
+                               threads, cfg.seed, info.rank, info.world_size, index=train_index)
+    memory = build_eval_loader(args.data_dir, "train", eval_batch, cfg.dataset.image_size, cfg.data.backend, info.device, threads, index=train_index)
+    test = build_eval_loader(args.data_dir, "test", eval_batch, cfg.dataset.image_size, cfg.data.backend, info.device, threads, index=test_index)
+    return train, memory, test
+
+
+def load_for_eval(path: str, cfg: Config) -> torch.nn.Module:
+    """Our training checkpoint, or a reference checkpoint of the configured method."""
+    from lcr_fast.checkpoint import safe_load
+    from lcr_fast.compat import load_reference_checkpoint
+
+    raw = safe_load(path)
+    if isinstance(raw, dict) and raw.get("format") == "lcr-fast/1":
+        model = build_model(load_config(None, {**raw["config"], "model": {**raw["config"]["model"], "pretrained": "none"}}))
+        load_state_strict(model, raw["model"], path)
+        return model
+    return load_reference_checkpoint(path, cfg.model.name, config=load_config(None, {**cfg.to_dict(), "model": {**cfg.model, "pretrained": "none"}}))
+
+
+def write_results(results: dict, log_dir: str) -> str:
+    path = os.path.join(log_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    return path
+
+
+def format_results(results: dict) -> str:
+    lines = []
+    for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
+        if key in results:
+            r = results[key]
+            lines.append(f"retrieval ({label}): rank-1 {100 * r['rank1']:.2f}  rank-5 {100 * r['rank5']:.2f}  mAP {100 * r['mAP']:.2f}")
+    if "knn_top1" in results:
+        lines.append(f"kNN top-1 (k={results.get('knn_k')}, GAP features): {results['knn_top1']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
+    info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
+    precision = eng.resolve_precision(cfg.engine.precision, info.device)
+    seed_everything(cfg.seed + info.rank, cfg.engine.deterministic)
+    show = info.is_main and not args.hide_progress
+    train_loader, memory_loader, test_loader = build_data(cfg, args, info)
+    knn_k = min(cfg.train.knn_k, len(memory_loader.index))
+    amp = eng.autocast(precision, info.device)
+
+    if args.eval_from:
+        model = load_for_eval(args.eval_from, cfg).to(info.device)
+        results = {"checkpoint": args.eval_from, "knn_k": knn_k}
+        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show, autocast=amp))
+        if info.is_main:
+            os.makedirs(args.log_dir, exist_ok=True)
+            write_results(results, args.log_dir)
+            print(format_results(results))
+        return results
+
+    model = build_model(cfg).to(info.device)
+    optimizer = build_optimizer(cfg, model)
+    start_epoch, step = 0, 0
+    ckpt_path = os.path.join(args.ckpt_dir, "last.pt")
+    if args.resume:
+        resume_path = ckpt_path if args.resume == "auto" else args.resume
+        ckpt = load_training_checkpoint(resume_path)
+        load_state_strict(model, ckpt["model"], resume_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        if info.is_main:
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+    engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size)
+    if cfg.engine.channels_last:
+        # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
+        # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
+        model.to(memory_format=torch.channels_last)
+    schedule = WarmupCosineSchedule(cfg, len(train_loader))
+    log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
+    if info.is_main:
+        save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
+
+    knn_acc, history = None, []
+    for epoch in range(start_epoch, cfg.train.stop_at_epoch):
+        model.train()
+        train_loader.set_epoch(epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.train.num_epochs}", disable=not show)
+        tic, pairs = time.perf_counter(), 0
+        for view1, view2, _ in bar:
+            lr = schedule.apply(optimizer, step)
+            model.momentum_update()  # the reference's order: EMA first, then this step's forward
+            if cfg.engine.channels_last:
+                view1, view2 = view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last)
+            with amp:
+                out = engine(view1, view2)
+            # DeepSpeed averages gradients over ranks; the reference's KL is a sum over the whole batch,
+            # so each rank's KL counts world_size times for its gradient to stay that global sum.
+            objective = out["ssl_loss"] + model.rationale_weight * info.world_size * out["rationale_loss"]
+            engine.backward(objective)
+            engine.step()
+            step += 1
+            pairs += cfg.train.batch_size
+            if step % cfg.engine.log_interval == 0 or step == 1:
+                values = {k: out[k].item() for k in ("loss", "ssl_loss", "rationale_loss")}
+                rate = pairs / (time.perf_counter() - tic)
+                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, **values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
+                tic, pairs = time.perf_counter(), 0
+
+        if cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0 and info.is_main:
+            knn_acc = evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=False, progress=show, autocast=amp)["knn_top1"]
+            log.log(step, epoch=epoch, knn_top1=knn_acc)
+            history.append({"epoch": epoch, "knn_top1": knn_acc})
+            if show:
+                print(f"epoch {epoch}: kNN top-1 {knn_acc:.2f}")
+        if info.is_main:
+            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict())
+        eng.barrier()
+
+    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "knn_history": history}
+    if info.is_main:
+        reference_path = os.path.join(args.ckpt_dir, f"{cfg.name}_reference.pth")
+        export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
+        results["checkpoint"], results["reference_checkpoint"] = ckpt_path, reference_path
+        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=cfg.eval is not False and cfg.eval.retrieval,
+                                progress=show, autocast=amp))
+        path = write_results(results, args.log_dir)
+        print(format_results(results))
+        print(f"results written to {path}")
+    log.close()
+    eng.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    main()
