@@ -21,5 +21,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["lcr-train=lcr_fast.train:main", "lcr-eval=lcr_fast.eval.cli:main"]},
+    entry_points={"console_scripts": ["lcr-train=lcr_fast.train:cli", "lcr-eval=lcr_fast.eval.cli:main"]},
 )

@@ -31,10 +31,10 @@ import torch
 from tqdm import tqdm
 
 from lcr_fast import engine as eng
-from lcr_fast.checkpoint import load_training_checkpoint, save_training_checkpoint, set_rng_state
-from lcr_fast.compat import export_reference_checkpoint, load_state_strict
-from lcr_fast.config import Config, load_config, recipe_for, save_config
-from lcr_fast.data import build_eval_loader, build_train_loader, check_same_classes, scan_split
+from lcr_fast.checkpoint import UnsafeCheckpointError, load_training_checkpoint, safe_load, save_training_checkpoint, set_rng_state
+from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_reference_checkpoint, load_state_strict
+from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_config
+from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
 from lcr_fast.eval.features import evaluate
 from lcr_fast.models import build_model
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
@@ -84,34 +84,40 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_data(cfg: Config, args: argparse.Namespace, info: eng.DistInfo):
-    """Index and check both splits before any model is built, so bad data fails in seconds."""
-    train_index = scan_split(args.data_dir, "train")
-    test_index = scan_split(args.data_dir, "test")
+def index_splits(data_dir: str, debug: bool):
+    """Index and check both splits; runs before any process group or model exists, so bad data fails in seconds."""
+    train_index = scan_split(data_dir, "train")
+    test_index = scan_split(data_dir, "test")
     check_same_classes(train_index, test_index)
-    if args.debug:
+    if debug:
         train_index.samples, test_index.samples = train_index.samples[:8], test_index.samples[:8]
+    return train_index, test_index
+
+
+def build_data(cfg: Config, data_dir: str, train_index, test_index, info: eng.DistInfo):
     per_rank = cfg.train.batch_size // info.world_size
     eval_batch = cfg.data.eval_batch_size or per_rank
-    threads = cfg.dataset.num_workers
-    train = build_train_loader(args.data_dir, recipe_for(cfg), per_rank, cfg.dataset.image_size, cfg.data.backend, info.device,
-                               threads, cfg.seed, info.rank, info.world_size, index=train_index)
-    memory = build_eval_loader(args.data_dir, "train", eval_batch, cfg.dataset.image_size, cfg.data.backend, info.device, threads, index=train_index)
-    test = build_eval_loader(args.data_dir, "test", eval_batch, cfg.dataset.image_size, cfg.data.backend, info.device, threads, index=test_index)
+    threads, size, backend = cfg.dataset.num_workers, cfg.dataset.image_size, cfg.data.backend
+    train = build_train_loader(data_dir, recipe_for(cfg), per_rank, size, backend, info.device, threads, cfg.seed,
+                               info.rank, info.world_size, index=train_index)
+    memory = build_eval_loader(data_dir, "train", eval_batch, size, backend, info.device, threads, index=train_index)
+    test = build_eval_loader(data_dir, "test", eval_batch, size, backend, info.device, threads, index=test_index)
     return train, memory, test
 
 
-def load_for_eval(path: str, cfg: Config) -> torch.nn.Module:
-    """Our training checkpoint, or a reference checkpoint of the configured method."""
-    from lcr_fast.checkpoint import safe_load
-    from lcr_fast.compat import load_reference_checkpoint
+def _from_scratch(config: dict) -> Config:
+    """The config with model.pretrained off: weights come from the checkpoint, nothing is downloaded."""
+    return load_config(None, {**config, "model": {**config["model"], "pretrained": "none"}})
 
+
+def load_for_eval(path: str, cfg: Config) -> torch.nn.Module:
+    """Our training checkpoint (built from the config it saved), or a reference checkpoint of the configured method."""
     raw = safe_load(path)
     if isinstance(raw, dict) and raw.get("format") == "lcr-fast/1":
-        model = build_model(load_config(None, {**raw["config"], "model": {**raw["config"]["model"], "pretrained": "none"}}))
+        model = build_model(_from_scratch(raw["config"]))
         load_state_strict(model, raw["model"], path)
         return model
-    return load_reference_checkpoint(path, cfg.model.name, config=load_config(None, {**cfg.to_dict(), "model": {**cfg.model, "pretrained": "none"}}))
+    return load_reference_checkpoint(path, cfg.model.name, config=_from_scratch(cfg.to_dict()))
 
 
 def write_results(results: dict, log_dir: str) -> str:
@@ -135,12 +141,13 @@ def format_results(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
+    train_index, test_index = index_splits(args.data_dir, args.debug)
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
     info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
     precision = eng.resolve_precision(cfg.engine.precision, info.device)
     seed_everything(cfg.seed + info.rank, cfg.engine.deterministic)
     show = info.is_main and not args.hide_progress
-    train_loader, memory_loader, test_loader = build_data(cfg, args, info)
+    train_loader, memory_loader, test_loader = build_data(cfg, args.data_dir, train_index, test_index, info)
     knn_k = min(cfg.train.knn_k, len(memory_loader.index))
     amp = eng.autocast(precision, info.device)
 
@@ -229,5 +236,17 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+# Errors that mean "your input is wrong": a one-line message instead of a traceback.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError)
+
+
+def cli() -> None:
+    try:
+        main()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

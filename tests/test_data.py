@@ -1,0 +1,89 @@
+"""ImageFolder indexing, damaged files, sharding and the torchvision loaders."""
+import pytest
+import torch
+
+from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
+from lcr_fast.data.sharding import epoch_indices
+from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+from helpers import write_folder
+
+
+def test_labels_follow_sorted_class_folders(tmp_path):
+    write_folder(tmp_path, classes=3, per_class=2)
+    (tmp_path / "train" / "a_first").mkdir()
+    write_folder(tmp_path / "extra", classes=1, per_class=1)
+    (tmp_path / "extra" / "train" / "class_0" / "0.jpg").rename(tmp_path / "train" / "a_first" / "x.jpg")
+    index = scan_split(tmp_path, "train")
+    assert index.classes == ["a_first", "class_0", "class_1", "class_2"]
+    assert [label for _, label in index.samples] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_damaged_files_are_skipped_and_counted_and_non_images_ignored(tmp_path):
+    write_folder(tmp_path, classes=2, per_class=3)
+    folder = tmp_path / "train" / "class_0"
+    good = (folder / "0.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    (folder / "notes.txt").write_text("ignored")
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable image file\(s\) of 9"):
+        index = scan_split(tmp_path, "train")
+    assert len(index) == 6 and len(index.skipped) == 3
+    assert {p.rsplit("/", 1)[1] for p, _ in index.skipped} == {"truncated.jpg", "empty.jpg", "garbage.png"}
+
+
+def test_missing_split_empty_class_and_class_mismatch_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_split(tmp_path / "nope", "train")
+    write_folder(tmp_path, classes=2, per_class=2, splits=("train",))
+    with pytest.raises(DatasetError, match="has no 'test' folder"):
+        scan_split(tmp_path, "test")
+    (tmp_path / "train" / "class_9").mkdir()
+    with pytest.raises(DatasetError, match="no usable image.*class_9"):
+        scan_split(tmp_path, "train")
+    (tmp_path / "train" / "class_9").rmdir()
+    write_folder(tmp_path, classes=3, per_class=1, splits=("test",))
+    with pytest.raises(DatasetError, match=r"only in test: \['class_2'\]"):
+        check_same_classes(scan_split(tmp_path, "train"), scan_split(tmp_path, "test"))
+
+
+def test_shards_cover_each_sample_once_and_match_one_big_batch():
+    one = epoch_indices(23, batch_size=4, seed=3, epoch=1)
+    shards = [epoch_indices(23, batch_size=2, seed=3, epoch=1, shard_id=r, num_shards=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 10
+    assert sorted(shards[0] + shards[1]) == sorted(one[:20])
+    # Global step s of the 2-rank run holds exactly the samples of step s of the 1-rank run.
+    for s in range(5):
+        assert sorted(shards[0][2 * s:2 * s + 2] + shards[1][2 * s:2 * s + 2]) == sorted(one[4 * s:4 * s + 4])
+    assert epoch_indices(23, 4, 3, 2) != one, "reshuffled each epoch"
+    assert epoch_indices(23, 4, 3, 1) == one, "deterministic for a seed"
+
+
+def test_torchvision_train_loader_batches(tmp_path):
+    write_folder(tmp_path, classes=3, per_class=4, size=48)
+    loader = build_train_loader(tmp_path, "byol", batch_size=4, image_size=32, backend="torchvision", device="cpu",
+                                num_threads=0, seed=0)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert len(batches) == 3
+    v1, v2, labels = batches[0]
+    assert v1.shape == v2.shape == (4, 3, 32, 32) and v1.dtype == torch.float32 and labels.dtype == torch.int64
+    lo = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    hi = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    assert lo - 1e-4 <= float(v1.min()) and float(v1.max()) <= hi + 1e-4
+    assert not torch.equal(v1, v2), "two different views"
+    again = list(loader)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again)), "same epoch, same batches"
+    loader.set_epoch(1)
+    assert not torch.equal(list(loader)[0][0], batches[0][0])
+
+
+def test_eval_loader_keeps_file_order_and_last_partial_batch(tmp_path):
+    write_folder(tmp_path, classes=2, per_class=3, size=40)
+    loader = build_eval_loader(tmp_path, "test", batch_size=4, image_size=32, backend="torchvision", device="cpu", num_threads=0)
+    labels = torch.cat([lab for _, lab in loader])
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    images = torch.cat([img for img, _ in loader])
+    assert images.shape == (6, 3, 32, 32)
+    torch.testing.assert_close(images, torch.cat([img for img, _ in loader]))
