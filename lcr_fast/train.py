@@ -38,6 +38,7 @@ from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, c
 from lcr_fast.eval.features import evaluate
 from lcr_fast.models import build_model
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
+from lcr_fast.report import plot_curves, write_report
 from lcr_fast.run_log import RunLog
 
 
@@ -120,13 +121,6 @@ def load_for_eval(path: str, cfg: Config) -> torch.nn.Module:
     return load_reference_checkpoint(path, cfg.model.name, config=_from_scratch(cfg.to_dict()))
 
 
-def write_results(results: dict, log_dir: str) -> str:
-    path = os.path.join(log_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    return path
-
-
 def format_results(results: dict) -> str:
     lines = []
     for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
@@ -156,21 +150,20 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"checkpoint": args.eval_from, "knn_k": knn_k}
         results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show, autocast=amp))
         if info.is_main:
-            os.makedirs(args.log_dir, exist_ok=True)
-            write_results(results, args.log_dir)
+            write_report(results, args.log_dir)
             print(format_results(results))
         return results
 
     model = build_model(cfg).to(info.device)
     optimizer = build_optimizer(cfg, model)
-    start_epoch, step = 0, 0
+    start_epoch, step, history = 0, 0, []
     ckpt_path = os.path.join(args.ckpt_dir, "last.pt")
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
         ckpt = load_training_checkpoint(resume_path)
         load_state_strict(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("knn_history", [])
         set_rng_state(ckpt["rng"])
         if info.is_main:
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
@@ -184,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     if info.is_main:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
 
-    knn_acc, history = None, []
+    rates, last_losses = [], {}
     for epoch in range(start_epoch, cfg.train.stop_at_epoch):
         model.train()
         train_loader.set_epoch(epoch)
@@ -205,10 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             pairs += cfg.train.batch_size
             if step % cfg.engine.log_interval == 0 or step == 1:
-                values = {k: out[k].item() for k in ("loss", "ssl_loss", "rationale_loss")}
+                last_losses = {k: out[k].item() for k in ("loss", "ssl_loss", "rationale_loss")}
                 rate = pairs / (time.perf_counter() - tic)
-                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, **values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
+                if step > 1:  # the first interval holds start-up costs
+                    rates.append(rate)
+                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, **last_losses)
+                bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
 
         if cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0 and info.is_main:
@@ -218,19 +213,23 @@ def main(argv: list[str] | None = None) -> dict:
             if show:
                 print(f"epoch {epoch}: kNN top-1 {knn_acc:.2f}")
         if info.is_main:
-            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict())
+            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"knn_history": history})
         eng.barrier()
 
-    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "knn_history": history}
+    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "knn_history": history,
+                     "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,
+                     "config": cfg.to_dict()}
     if info.is_main:
         reference_path = os.path.join(args.ckpt_dir, f"{cfg.name}_reference.pth")
         export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
         results["checkpoint"], results["reference_checkpoint"] = ckpt_path, reference_path
         results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=cfg.eval is not False and cfg.eval.retrieval,
                                 progress=show, autocast=amp))
-        path = write_results(results, args.log_dir)
+        if cfg.logger.matplotlib:
+            results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
+        _, report = write_report(results, args.log_dir)
         print(format_results(results))
-        print(f"results written to {path}")
+        print(f"report written to {report}")
     log.close()
     eng.barrier()
     return results

@@ -18,7 +18,7 @@ from lcr_fast.data import DatasetError
 
 from helpers import REPO, tiny_config, write_folder
 
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
+
 
 
 def _config_file(tmp_path, **sections):

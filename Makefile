@@ -1,0 +1,32 @@
+# Quickstart: `make demo` (venv, install, synthetic data, a short BYOL+LCR run, report) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO := demo_out
+
+.PHONY: demo test bench install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e . pytest
+	touch $@
+
+demo: install
+	$(PY) -m lcr_fast.data.synthetic --out $(DEMO)/data --classes 10 --train-per-class 32 --test-per-class 10
+	rm -rf $(DEMO)/run
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" deepspeed --num_gpus 1 lcr_fast/train.py -c configs/demo.yaml \
+		--data_dir $(DEMO)/data --log_dir $(DEMO)/run --ckpt_dir $(DEMO)/run/ckpt
+	@echo; cat $(DEMO)/run/report.md
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: install
+	$(PY) benchmarks/step_bench.py
+	$(PY) benchmarks/retrieval_bench.py
+
+clean:
+	rm -rf $(DEMO) build *.egg-info

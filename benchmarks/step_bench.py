@@ -1,0 +1,129 @@
+"""Training-step throughput: lcr-fast against the reference's formulation, same model, batch and image size.
+
+    python benchmarks/step_bench.py                          # CPU: ResNet-50 (no max-pool), batch 8, 112 px, fp32
+    python benchmarks/step_bench.py --batch 128 --size 224 --precision bf16 --channels_last   # one GPU
+
+The reference side is lcr_fast.reference (a plain re-implementation of GANPerf/LCR's step: fp32
+eager, EMA inside forward, its LARS). Ours is the model, optimizer and step order train.py runs
+(without the DeepSpeed wrapper, which is a pass-through at ZeRO stage 0 on one rank). Each variant
+runs in its own process so that its peak memory (CUDA allocator peak, or peak RSS on CPU) is its own.
+Prints seconds per step, pairs/s, peak memory and the ratios; ``--json`` writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build(variant: str, arch: str, device: torch.device, batch: int):
+    from lcr_fast.config import load_config
+    from lcr_fast.models import build_model
+    from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
+    from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule
+
+    torch.manual_seed(0)
+    if variant == "reference":
+        model = ReferenceBYOL(ReferenceResNet(arch, maxpool=False)).to(device).train()
+        opt = ReferenceLARS(model, lr=0.3 * batch / 256)
+        return model, opt, ReferenceSchedule(opt, 10, 0.0, 800, 0.3 * batch / 256, 0.0, 100)
+    backbone = "resnet50_cub200" if arch == "resnet50" else arch
+    cfg = load_config(None, {"model": {"backbone": backbone, "maxpool": False, "pretrained": "none"},
+                             "train": {"batch_size": batch}})
+    model = build_model(cfg).to(device).train()
+    return model, build_optimizer(cfg, model), WarmupCosineSchedule(cfg, 100)
+
+
+def _run_variant(args) -> dict:
+    from lcr_fast.reference import reference_train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, opt, sched = _build(args.variant, args.arch, device, args.batch)
+    fmt = torch.channels_last if args.channels_last and args.variant == "ours" else torch.contiguous_format
+    if fmt is torch.channels_last:
+        model.to(memory_format=fmt)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x1 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device).contiguous(memory_format=fmt)
+    x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device).contiguous(memory_format=fmt)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" and args.variant == "ours"
+           else contextlib.nullcontext())
+    step_fn = model
+    if args.compile and args.variant == "ours":
+        step_fn = torch.compile(model)
+
+    def step(i: int) -> torch.Tensor:
+        if args.variant == "reference":
+            return reference_train_step(model, opt, sched, x1, x2)["loss"]
+        sched.apply(opt, i)
+        model.momentum_update()
+        with amp:
+            out = step_fn(x1, x2)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return out["loss"].detach()
+
+    for i in range(args.warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tic = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(args.warmup + i)
+    float(loss)  # waits for the device
+    seconds = (time.perf_counter() - tic) / args.steps
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": args.variant, "device": device.type, "s_per_step": seconds, "pairs_per_s": args.batch / seconds,
+            "peak_bytes": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(_run_variant(args)))
+        return
+
+    results = {}
+    for variant in ("reference", "ours"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch, "--batch", str(args.batch),
+               "--size", str(args.size), "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(f"{variant:>9}: {r['s_per_step']:.3f} s/step  {r['pairs_per_s']:.2f} pairs/s  peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']})")
+    ours, ref = results["ours"], results["reference"]
+    results["config"] = {k: getattr(args, k) for k in ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup")}
+    results["speedup"] = ref["s_per_step"] / ours["s_per_step"]
+    results["memory_ratio"] = ours["peak_bytes"] / ref["peak_bytes"]
+    print(f"speedup ours/reference: {results['speedup']:.2f}x   peak memory ours/reference: {results['memory_ratio']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
