@@ -2,9 +2,8 @@
 
 ``linear_probe_reference`` is the protocol of GANPerf/LCR ``main_lincls.py``: features are taken
 afresh from augmented images every epoch. ``linear_probe_cached`` trains on features extracted
-once (no augmentation), which takes seconds instead of hours and is what we monitor with; its
-numbers are close to, not equal to, the reference protocol's. Accuracies are in percent, as
-``main_lincls.py`` prints them.
+once (no augmentation): seconds instead of hours, but without augmentation its numbers are not the
+reference protocol's. Accuracies are in percent, as ``main_lincls.py`` prints them.
 """
 from collections.abc import Callable, Iterable, Sequence
 
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 
 def _classifier(dim: int, num_classes: int, seed: int, device: torch.device) -> nn.Linear:
-    # main_lincls's Classifier: weights N(0, 0.01), zero bias.
+    # As the Classifier main_lincls trains (the reference's classifier.py): weights N(0, 0.01), zero bias.
     generator = torch.Generator().manual_seed(seed)
     classifier = nn.Linear(dim, num_classes)
     with torch.no_grad():
@@ -74,8 +73,8 @@ def linear_probe_cached(
     Runs on the device of ``train_feats``; ``seed`` fixes the initialisation and the batch order.
     """
     device = train_feats.device
-    train_feats = train_feats.float()
-    train_labels = train_labels.to(device)
+    train_feats = train_feats.detach().float()
+    train_labels = train_labels.to(device, torch.long)
     classifier = _classifier(train_feats.shape[1], num_classes, seed, device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -124,7 +123,7 @@ def linear_probe_reference(
         loss_sum = torch.zeros((), device=device)
         seen = 0
         for images, labels in train_loader:
-            labels = labels.to(device, non_blocking=True)
+            labels = labels.to(device, torch.long, non_blocking=True)
             loss_sum += _sgd_step(classifier, optimizer, features(images), labels) * labels.shape[0]
             seen += labels.shape[0]
         bar.set_postfix(loss=float(loss_sum) / max(seen, 1), lr=epoch_lr)
