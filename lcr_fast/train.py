@@ -31,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from lcr_fast import engine as eng
-from lcr_fast.checkpoint import UnsafeCheckpointError, load_training_checkpoint, safe_load, save_training_checkpoint, set_rng_state
-from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_reference_checkpoint, load_state_strict
+from lcr_fast.checkpoint import UnsafeCheckpointError, load_training_checkpoint, save_training_checkpoint, set_rng_state
+from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_state_strict
 from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_config
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
 from lcr_fast.eval.features import evaluate
+from lcr_fast.loading import load_model
 from lcr_fast.models import build_model
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.report import plot_curves, write_report
@@ -106,21 +107,6 @@ def build_data(cfg: Config, data_dir: str, train_index, test_index, info: eng.Di
     return train, memory, test
 
 
-def _from_scratch(config: dict) -> Config:
-    """The config with model.pretrained off: weights come from the checkpoint, nothing is downloaded."""
-    return load_config(None, {**config, "model": {**config["model"], "pretrained": "none"}})
-
-
-def load_for_eval(path: str, cfg: Config) -> torch.nn.Module:
-    """Our training checkpoint (built from the config it saved), or a reference checkpoint of the configured method."""
-    raw = safe_load(path)
-    if isinstance(raw, dict) and raw.get("format") == "lcr-fast/1":
-        model = build_model(_from_scratch(raw["config"]))
-        load_state_strict(model, raw["model"], path)
-        return model
-    return load_reference_checkpoint(path, cfg.model.name, config=_from_scratch(cfg.to_dict()))
-
-
 def format_results(results: dict) -> str:
     lines = []
     for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
@@ -146,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     amp = eng.autocast(precision, info.device)
 
     if args.eval_from:
-        model = load_for_eval(args.eval_from, cfg).to(info.device)
+        model, _ = load_model(args.eval_from, cfg.model.name, cfg.to_dict())
+        model = model.to(info.device)
         results = {"checkpoint": args.eval_from, "knn_k": knn_k}
         results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show, autocast=amp))
         if info.is_main:
