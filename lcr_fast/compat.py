@@ -1,9 +1,21 @@
 """Reading and writing the reference's checkpoint layout (GANPerf/LCR ``main.py`` / ``main_moco.py``).
 
-The reference saves ``{'epoch', 'state_dict'}``. Its BYOL module registers the backbone and projector
+BYOL: the reference saves ``{'epoch', 'state_dict'}``. Its BYOL module registers the backbone and projector
 twice (``backbone.*`` and ``online_encoder.0.*`` are one tensor), names the EMA target
 ``target_encoder.{0,1}`` and the rationale detector ``conv16``/``bn16``. Ours names them
 ``target_backbone``, ``target_projector`` and ``rationale.{conv,bn}``; the tables below translate.
+
+MoCo: ``main_moco.py`` saves ``checkpoint_XXXX.pth.tar`` = ``{'epoch', 'arch', 'state_dict', 'optimizer'}``
+from its DDP module (every key ``module.``-prefixed). ``encoder_q``/``encoder_k`` (``.fc`` the head) are
+our ``backbone``/``projector`` and ``key_backbone``/``key_projector``. Its unused max branch (``fc``,
+``qmax``, ``kmax`` — whose last Linear *is* ``fc`` —, ``conv16_2``, ``bn16_2``, ``queue_max``,
+``queue_ptr_max``) has no counterpart in our model: a model read from a reference file keeps those
+tensors aside (``model.reference_extras``, CPU, outside the state dict) and writes them back unchanged;
+any other model writes deterministic values (seed 0, the reference's initialisation; ``queue_ptr_max``
+equal to ``queue_ptr``, as the reference advances both together). They never enter a loss, so their
+values change no number the reference computes. The ``optimizer`` entry is ignored on reading (with a
+printed note when it holds momentum buffers); on writing it is a fresh SGD state (lr 0.03, momentum 0.9, weight decay 1e-4, no momentum
+buffers) that the reference's ``--resume`` accepts.
 """
 from __future__ import annotations
 
@@ -11,6 +23,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, safe_load
@@ -27,9 +40,26 @@ PREFIXES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("rationale.conv.", ("conv16.",)),
         ("rationale.bn.", ("bn16.",)),
     ],
+    # Order matters: entries are tried in turn, so ``encoder_q.fc.`` before ``encoder_q.`` and
+    # ``queue_ptr`` before ``queue`` (whole keys, matched as prefixes once the max branch is set aside).
+    "moco": [
+        ("projector.", ("encoder_q.fc.",)),
+        ("backbone.", ("encoder_q.",)),
+        ("key_projector.", ("encoder_k.fc.",)),
+        ("key_backbone.", ("encoder_k.",)),
+        ("rationale.conv.", ("conv16.",)),
+        ("rationale.bn.", ("bn16.",)),
+        ("queue_ptr", ("queue_ptr",)),
+        ("queue", ("queue",)),
+    ],
 }
 # A key prefix that identifies each method's checkpoints, for a clear error when they are mixed up.
 SIGNATURES = {"byol": "online_predictor.", "moco": "encoder_q."}
+# The reference's tensors that no loss reads and our models do not hold (MoCo's "max" branch).
+UNUSED: dict[str, tuple[str, ...]] = {
+    "byol": (),
+    "moco": ("queue_max", "queue_ptr_max", "fc.", "qmax.", "kmax.", "conv16_2.", "bn16_2."),
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,9 +73,15 @@ def _to_reference_key(key: str, method: str) -> list[str]:
     raise KeyError(f"no reference name for parameter {key!r}")
 
 
+def _is_unused(ref_key: str, method: str) -> bool:
+    return any(ref_key == u or (u.endswith(".") and ref_key.startswith(u)) for u in UNUSED[method])
+
+
 def _from_reference(state: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
     out = {}
     for ref_key, value in state.items():
+        if _is_unused(ref_key, method):
+            continue
         for ours, refs in PREFIXES[method]:
             if ref_key.startswith(refs[0]):
                 out[ours + ref_key[len(refs[0]):]] = value
@@ -61,6 +97,10 @@ def read_reference_checkpoint(path: str | os.PathLike, trust_file: bool = False)
         raise CheckpointMismatchError(f"{os.fspath(path)!r} holds no state_dict of tensors")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     epoch = raw.get("epoch") if isinstance(raw, dict) else None
+    optimizer = raw.get("optimizer") if isinstance(raw, dict) else None
+    if isinstance(optimizer, dict) and optimizer.get("state"):
+        print(f"note: {os.fspath(path)!r}: its optimizer state (the reference's SGD momentum) is not loaded; "
+              "training from it starts with fresh optimizer state")
     return state, epoch
 
 
@@ -71,8 +111,27 @@ def _detect_method(state: dict) -> str | None:
     return None
 
 
+def _shape(state: dict[str, torch.Tensor], key: str) -> torch.Size:
+    if key not in state:
+        raise CheckpointMismatchError(f"reference checkpoint lacks {key!r}")
+    return state[key].shape
+
+
 def _config_for(state: dict[str, torch.Tensor], method: str) -> Config:
     """A config whose model has the checkpoint's shapes (backbone width, head sizes), from scratch."""
+    if method == "moco":
+        # layer4's first conv reads 1024 channels in a ResNet-50, 256 in a ResNet-18; the reference's is a
+        # standard ResNet with the stem max-pool.
+        backbone = "resnet50" if _shape(state, "encoder_q.layer4.0.conv1.weight")[1] == 1024 else "resnet18"
+        mlp = "encoder_q.fc.0.weight" in state
+        return load_config(None, {
+            "model": {
+                "name": "moco", "backbone": backbone, "maxpool": True, "pretrained": "none", "moco_mlp": mlp,
+                "moco_dim": int(_shape(state, "encoder_q.fc.2.weight" if mlp else "encoder_q.fc.weight")[0]),
+                "moco_k": int(_shape(state, "queue")[1]),
+                "rationale_channels": int(_shape(state, "conv16.weight")[0]),
+            }
+        })
     if method == "byol":
         width = state["backbone.layer4.0.conv1.weight"].shape[1] if "backbone.layer4.0.conv1.weight" in state else None
         backbone = "resnet50_cub200" if width == 1024 else "resnet18"
@@ -124,6 +183,8 @@ def load_reference_checkpoint(path: str | os.PathLike, method: str, config: Conf
     cfg = config if config is not None else _config_for(state, method)
     model = build_model(cfg)
     load_state_strict(model, _from_reference(state, method), os.fspath(path))
+    if UNUSED[method]:
+        model.reference_extras = {k: v for k, v in state.items() if _is_unused(k, method)}
     return model
 
 
@@ -134,20 +195,81 @@ def reference_state_dict(model: nn.Module, method: str | None = None) -> dict[st
     for key, value in model.state_dict().items():
         for ref_key in _to_reference_key(key, method):
             out[ref_key] = value.detach().cpu()
+    if method == "moco":
+        out.update(_moco_unused_state(model, out))
+    return out
+
+
+def _moco_unused_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference MoCo's max-branch tensors: those read from its file if the model came from one,
+    else deterministic values (seed 0) drawn as the reference initialises them."""
+    width, dim, K = model.backbone.output_dim, state["queue"].shape[0], state["queue"].shape[1]
+    channels = state["conv16.weight"].shape[0]
+    shapes = {"queue_max": (dim, K), "queue_ptr_max": (1,), "conv16_2.weight": (1, channels, 1, 1),
+              "bn16_2.weight": (1,), "bn16_2.bias": (1,), "bn16_2.running_mean": (1,), "bn16_2.running_var": (1,),
+              "bn16_2.num_batches_tracked": (), "fc.weight": (dim, width), "fc.bias": (dim,),
+              "qmax.0.weight": (width, width), "qmax.0.bias": (width,), "kmax.0.weight": (width, width), "kmax.0.bias": (width,)}
+    kept = getattr(model, "reference_extras", None) or {}
+    if all(k in kept and tuple(kept[k].shape) == s for k, s in shapes.items()):
+        out = {k: kept[k] for k in shapes}
+    else:
+        g = torch.Generator().manual_seed(0)
+
+        def uniform(shape, fan_in):  # nn.Linear / nn.Conv2d's default initialisation
+            bound = 1.0 / fan_in ** 0.5
+            return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+        out = {"queue_max": F.normalize(torch.randn(dim, K, generator=g), dim=0),
+               "queue_ptr_max": state["queue_ptr"].clone(),
+               "conv16_2.weight": uniform((1, channels, 1, 1), channels),
+               "bn16_2.weight": torch.ones(1), "bn16_2.bias": torch.zeros(1),
+               "bn16_2.running_mean": torch.zeros(1), "bn16_2.running_var": torch.ones(1),
+               "bn16_2.num_batches_tracked": torch.tensor(0),
+               "fc.weight": uniform((dim, width), width), "fc.bias": uniform((dim,), width),
+               "qmax.0.weight": uniform((width, width), width), "qmax.0.bias": uniform((width,), width)}
+        out["kmax.0.weight"], out["kmax.0.bias"] = out["qmax.0.weight"].clone(), out["qmax.0.bias"].clone()
+    # qmax and kmax end in the reference's one ``fc`` module: the same tensors under three names.
+    for branch in ("qmax", "kmax"):
+        out[f"{branch}.2.weight"], out[f"{branch}.2.bias"] = out["fc.weight"], out["fc.bias"]
     return out
 
 
 def model_method(model: nn.Module) -> str:
     from .models.byol import BYOL
+    from .models.moco import MoCo
 
     if isinstance(model, BYOL):
         return "byol"
+    if isinstance(model, MoCo):
+        return "moco"
     raise ValueError(f"no reference layout for {type(model).__name__}")
 
 
+def _reference_sgd_state(state: dict[str, torch.Tensor]) -> dict:
+    """A fresh ``torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)`` state for the
+    reference MoCo (one group; its parameters() lists each shared tensor once), as ``main_moco.py`` saves."""
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    params = [k for k in state if k not in ("queue", "queue_ptr", "queue_max", "queue_ptr_max")
+              and not k.endswith(buffers) and not k.startswith(("qmax.2.", "kmax.2."))]
+    group = {"lr": 0.03, "momentum": 0.9, "dampening": 0, "weight_decay": 1e-4, "nesterov": False, "maximize": False,
+             "foreach": None, "differentiable": False, "fused": None, "params": list(range(len(params)))}
+    return {"state": {}, "param_groups": [group]}
+
+
+def _arch_name(model: nn.Module) -> str:
+    return "resnet50" if type(model.backbone.layer1[0]).__name__ == "Bottleneck" else "resnet18"
+
+
 def export_reference_checkpoint(model: nn.Module, path: str | os.PathLike, epoch: int = 0) -> None:
-    """Write ``{'epoch', 'state_dict'}`` in the reference's key names (atomically)."""
-    atomic_save({"epoch": epoch, "state_dict": reference_state_dict(model)}, path)
+    """Write the reference's layout (atomically): BYOL ``{'epoch', 'state_dict'}``; MoCo ``main_moco.py``'s
+    ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` with ``module.``-prefixed keys, max branch included."""
+    method = model_method(model)
+    state = reference_state_dict(model, method)
+    if method == "moco":
+        atomic_save({"epoch": epoch, "arch": _arch_name(model), "state_dict": {"module." + k: v for k, v in state.items()},
+                     "optimizer": _reference_sgd_state(state)}, path)
+    else:
+        atomic_save({"epoch": epoch, "state_dict": state}, path)
 
 
 __all__ = [

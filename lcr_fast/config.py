@@ -33,7 +33,13 @@ DEFAULTS: dict[str, Any] = {
         "ema_tau": 0.996,
         "rationale_channels": 32,
         "rationale_weight": 0.01,
-        "rationale_temperature": 0.4,
+        "rationale_temperature": 0.4,  # BYOL only: the reference's MoCo KL has no temperature
+        # MoCo v2 (model.name=moco; the reference's main_moco.py --moco-dim/-k/-m/-t and --mlp).
+        "moco_dim": 256,
+        "moco_k": 65536,  # queue size: a multiple of train.batch_size (checked at start-up)
+        "moco_m": 0.999,  # key encoder momentum
+        "moco_t": 0.2,  # InfoNCE temperature
+        "moco_mlp": True,  # head 2048 -> 2048 -> ReLU -> moco_dim instead of one Linear
     },
     "train": {
         "optimizer": {"name": "lars_simclr", "weight_decay": 1.5e-6, "momentum": 0.9, "trust_coef": 1e-3},
@@ -48,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
         "knn_interval": 1,
         "knn_k": 200,
         "knn_t": 0.1,
+        "retrieval_interval": 0,  # epochs between test-split retrieval runs during training (MoCo's reference: 1); 0: at the end only
+        # warmup_cosine: BYOL's per-iteration warmup + cosine; cosine_epoch: MoCo's per-epoch cosine, no warmup
+        "schedule": "warmup_cosine",
+        "scale_lr": True,  # lr = base_lr * batch_size / 256 (BYOL's rule); MoCo's reference uses base_lr as it is
     },
     "eval": {
         "optimizer": {"name": "sgd", "weight_decay": 0.0, "momentum": 0.9},
@@ -195,11 +205,21 @@ def validate(cfg: dict) -> None:
     _choice(cfg["engine"]["zero_stage"], "engine.zero_stage", (0, 1, 2, 3))
     _choice(cfg["kernels"]["backend"], "kernels.backend", ("auto", "triton", "torch"))
     _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd"))
+    _choice(cfg["train"]["schedule"], "train.schedule", ("warmup_cosine", "cosine_epoch"))
+    _choice(cfg["train"]["scale_lr"], "train.scale_lr", (True, False))
+    if cfg["train"]["schedule"] == "cosine_epoch" and cfg["train"]["warmup_epochs"]:
+        raise ConfigError(f"train.schedule=cosine_epoch has no warmup (as the reference's MoCo): set train.warmup_epochs "
+                          f"to 0, got {cfg['train']['warmup_epochs']!r}")
+    for key in ("moco_dim", "moco_k"):
+        if not isinstance(cfg["model"][key], int) or isinstance(cfg["model"][key], bool) or cfg["model"][key] < 1:
+            raise ConfigError(f"model.{key} must be a positive integer, got {cfg['model'][key]!r}")
     train = cfg["train"]
     if train["stop_at_epoch"] > train["num_epochs"]:
         raise ConfigError(f"train.stop_at_epoch ({train['stop_at_epoch']}) must not exceed train.num_epochs ({train['num_epochs']})")
     if train["warmup_epochs"] > train["num_epochs"]:
         raise ConfigError("train.warmup_epochs must not exceed train.num_epochs")
+    if not isinstance(train["retrieval_interval"], int) or train["retrieval_interval"] < 0:
+        raise ConfigError(f"train.retrieval_interval must be a non-negative integer, got {train['retrieval_interval']!r}")
     for key in ("batch_size", "stop_at_epoch", "num_epochs", "knn_interval"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")

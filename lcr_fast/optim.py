@@ -71,7 +71,7 @@ class LARS(Optimizer):
 
 def build_optimizer(cfg, model: nn.Module) -> Optimizer:
     opt = cfg.train.optimizer
-    lr = scaled_lr(cfg.train.base_lr, cfg.train.batch_size)
+    lr = configured_lr(cfg, cfg.train.base_lr)
     if opt.name == "lars_simclr":
         return LARS(lars_param_groups(model), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                     trust_coef=opt.trust_coef, keep_momentum=cfg.fixes.lars_momentum)
@@ -80,6 +80,7 @@ def build_optimizer(cfg, model: nn.Module) -> Optimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"name": "base", "params": [p for n, p in named if not n.startswith("predictor.")]},
                   {"name": "predictor", "params": [p for n, p in named if n.startswith("predictor.")]}]
+        groups = [g for g in groups if g["params"]]  # MoCo has no predictor
         return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     raise ValueError(f"unknown optimizer {opt.name!r}")
 
@@ -87,6 +88,11 @@ def build_optimizer(cfg, model: nn.Module) -> Optimizer:
 def scaled_lr(lr: float, batch_size: int) -> float:
     """The reference's linear scaling rule: lr * batch / 256."""
     return lr * batch_size / 256
+
+
+def configured_lr(cfg, lr: float) -> float:
+    """``lr`` scaled by batch/256 when ``train.scale_lr`` (BYOL's reference), else as it is (MoCo's)."""
+    return scaled_lr(lr, cfg.train.batch_size) if cfg.train.scale_lr else lr
 
 
 class WarmupCosineSchedule:
@@ -98,12 +104,12 @@ class WarmupCosineSchedule:
     """
 
     def __init__(self, cfg, steps_per_epoch: int):
-        t, bs = cfg.train, cfg.train.batch_size
+        t = cfg.train
         warmup = steps_per_epoch * t.warmup_epochs
         decay = steps_per_epoch * (t.num_epochs - t.warmup_epochs)
-        base, final = scaled_lr(t.base_lr, bs), scaled_lr(t.final_lr, bs)
+        base, final = configured_lr(cfg, t.base_lr), configured_lr(cfg, t.final_lr)
         cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(decay) / decay))
-        self.schedule = np.concatenate((np.linspace(scaled_lr(t.warmup_lr, bs), base, warmup), cosine))
+        self.schedule = np.concatenate((np.linspace(configured_lr(cfg, t.warmup_lr), base, warmup), cosine))
         self.base_lr = base
         self.shift = 0 if cfg.fixes.warmup_first_step else 1
 
@@ -122,5 +128,39 @@ class WarmupCosineSchedule:
 
 
 def cosine_epoch_lr(base_lr: float, epoch: int, num_epochs: int) -> float:
-    """MoCo's per-epoch cosine: base * 0.5 * (1 + cos(pi * epoch / epochs))."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / num_epochs))
+    """MoCo's per-epoch cosine: base * (0.5 * (1 + cos(pi * epoch / epochs))), rounded as ``main_moco.py``'s
+    ``lr *= 0.5 * (1. + math.cos(math.pi * epoch / args.epochs))``."""
+    return base_lr * (0.5 * (1.0 + math.cos(math.pi * epoch / num_epochs)))
+
+
+class CosineEpochSchedule:
+    """The reference MoCo's ``adjust_learning_rate`` with ``--cos``: at the start of epoch e every group
+    runs at base * 0.5 * (1 + cos(pi e / num_epochs)), constant through the epoch, no warmup.
+
+    Same interface as WarmupCosineSchedule; ``step`` (0-based optimizer steps) gives the epoch.
+    """
+
+    def __init__(self, cfg, steps_per_epoch: int):
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.base_lr = configured_lr(cfg, cfg.train.base_lr)
+        self.steps_per_epoch = steps_per_epoch
+        self.num_epochs = cfg.train.num_epochs
+
+    def lr(self, step: int) -> float:
+        return cosine_epoch_lr(self.base_lr, step // self.steps_per_epoch, self.num_epochs)
+
+    def apply(self, optimizer: Optimizer, step: int) -> float:
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def build_schedule(cfg, steps_per_epoch: int):
+    """The schedule ``train.schedule`` names: warmup_cosine (BYOL) or cosine_epoch (MoCo)."""
+    if cfg.train.schedule == "warmup_cosine":
+        return WarmupCosineSchedule(cfg, steps_per_epoch)
+    if cfg.train.schedule == "cosine_epoch":
+        return CosineEpochSchedule(cfg, steps_per_epoch)
+    raise ValueError(f"unknown train.schedule {cfg.train.schedule!r}")

@@ -30,9 +30,17 @@ def markdown(results: dict) -> str:
     if "knn_top1" in results:
         lines += ["", f"kNN top-1 (k={results.get('knn_k')}, t=0.1, GAP features, train split as the bank): "
                       f"**{results['knn_top1']:.2f}%**"]
-    if results.get("knn_history"):
-        lines += ["", "| epoch | kNN top-1 |", "| --- | --- |"]
-        lines += [f"| {h['epoch']} | {h['knn_top1']:.2f} |" for h in results["knn_history"]]
+    if results.get("retrieval_best"):
+        lines += ["", "Best epoch of each retrieval metric (selected on the test split, as the reference's authors "
+                      "report MoCo runs; the table above is the last epoch):", ""]
+        lines += [f"- {k}: {_pct(v['value'])} at epoch {v['epoch']}" for k, v in results["retrieval_best"].items()]
+    history = results.get("history") or []
+    columns = [c for c in ("knn_top1", "rank1", "rank5", "mAP") if any(c in h for h in history)]
+    if columns:
+        lines += ["", "| epoch | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+        for h in history:
+            cells = [(f"{h[c]:.2f}" if c == "knn_top1" else _pct(h[c])) if c in h else "" for c in columns]
+            lines.append(f"| {h['epoch']} | " + " | ".join(cells) + " |")
     for key, label in (("curves", "training curves"), ("heatmaps", "rationale heatmaps")):
         if results.get(key):
             lines += ["", f"![{label}]({os.path.basename(results[key])})"]

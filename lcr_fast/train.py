@@ -38,7 +38,8 @@ from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, c
 from lcr_fast.eval.features import evaluate
 from lcr_fast.loading import load_model
 from lcr_fast.models import build_model
-from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
+from lcr_fast.models.moco import check_queue_size
+from lcr_fast.optim import build_optimizer, build_schedule
 from lcr_fast.report import plot_curves, write_report
 from lcr_fast.run_log import RunLog
 
@@ -107,12 +108,28 @@ def build_data(cfg: Config, data_dir: str, train_index, test_index, info: eng.Di
     return train, memory, test
 
 
+def best_over_epochs(history: list[dict]) -> dict:
+    """The best value of each retrieval metric over the evaluated epochs, with its epoch, as the
+    reference's MoCo reports them (each metric's maximum on its own; selected on the test split)."""
+    best = {}
+    for metric in ("rank1", "rank5", "mAP"):
+        scored = [h for h in history if metric in h]
+        if scored:
+            top = max(scored, key=lambda h: h[metric])
+            best[metric] = {"value": top[metric], "epoch": top["epoch"]}
+    return best
+
+
 def format_results(results: dict) -> str:
     lines = []
     for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
         if key in results:
             r = results[key]
             lines.append(f"retrieval ({label}): rank-1 {100 * r['rank1']:.2f}  rank-5 {100 * r['rank5']:.2f}  mAP {100 * r['mAP']:.2f}")
+    if results.get("retrieval_best"):
+        best = results["retrieval_best"]
+        lines.append("best over epochs (selected on the test split): " + "  ".join(
+            f"{k} {100 * v['value']:.2f} (epoch {v['epoch']})" for k, v in best.items()))
     if "knn_top1" in results:
         lines.append(f"kNN top-1 (k={results.get('knn_k')}, GAP features): {results['knn_top1']:.2f}")
     return "\n".join(lines)
@@ -121,6 +138,8 @@ def format_results(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
+    if cfg.model.name == "moco":
+        check_queue_size(cfg.model.moco_k, cfg.train.batch_size)
     train_index, test_index = index_splits(args.data_dir, args.debug)
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
     info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
@@ -150,16 +169,18 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = load_training_checkpoint(resume_path)
         load_state_strict(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("knn_history", [])
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("history", [])
         set_rng_state(ckpt["rng"])
         if info.is_main:
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+    if cfg.model.name == "moco":
+        model.broadcast_queue()
     engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size)
     if cfg.engine.channels_last:
         # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
         # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
         model.to(memory_format=torch.channels_last)
-    schedule = WarmupCosineSchedule(cfg, len(train_loader))
+    schedule = build_schedule(cfg, len(train_loader))
     log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
     if info.is_main:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
@@ -193,17 +214,20 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
 
-        if cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0 and info.is_main:
-            knn_acc = evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=False, progress=show, autocast=amp)["knn_top1"]
-            log.log(step, epoch=epoch, knn_top1=knn_acc)
-            history.append({"epoch": epoch, "knn_top1": knn_acc})
+        knn_due = cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0
+        retrieval_due = bool(cfg.train.retrieval_interval) and epoch % cfg.train.retrieval_interval == 0
+        if (knn_due or retrieval_due) and info.is_main:
+            scores = evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=retrieval_due, progress=show, autocast=amp)
+            entry = {"epoch": epoch, **({"knn_top1": scores["knn_top1"]} if knn_due else {}), **scores.get("retrieval", {})}
+            history.append(entry)
+            log.log(step, **entry)
             if show:
-                print(f"epoch {epoch}: kNN top-1 {knn_acc:.2f}")
+                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
         if info.is_main:
-            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"knn_history": history})
+            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"history": history})
         eng.barrier()
 
-    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "knn_history": history,
+    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "history": history,
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,
                      "config": cfg.to_dict()}
     if info.is_main:
@@ -212,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["checkpoint"], results["reference_checkpoint"] = ckpt_path, reference_path
         results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=cfg.eval is not False and cfg.eval.retrieval,
                                 progress=show, autocast=amp))
+        results["retrieval_best"] = best_over_epochs(history)
         if cfg.logger.matplotlib:
             results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
         _, report = write_report(results, args.log_dir)

@@ -50,7 +50,7 @@ def test_train_writes_results_and_checkpoints_that_reload(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     for key in ("rank1", "rank5", "mAP"):
         assert 0.0 <= results["retrieval"][key] <= 1.0
-    assert len(results["knn_history"]) == 2 and results["steps"] == 6
+    assert [h["epoch"] for h in results["history"]] == [0, 1] and results["steps"] == 6
 
     ckpt = load_training_checkpoint(tmp_path / "run" / "ckpt" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6
