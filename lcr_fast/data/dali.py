@@ -19,25 +19,30 @@ solarize; flipping commutes with every later step, so it is fused into the final
 - RandomResizedCrop: box drawn as torchvision does, then ``fn.resize`` of that ROI to S x S with
   antialiasing (cubic for BYOL and evaluation, linear for MoCo v2 as torchvision's default).
 - ColorJitter (p .8) and RandomGrayscale (p .2): brightness, contrast, saturation and hue are all
-  affine in RGB, so the jitter in its drawn order followed by grayscale collapses into one
-  ``out = M x + K m`` per sample, where m is the crop's mean colour (contrast blends with the mean
-  grey of the image at that point, which is linear in m). Evaluated with ``fn.reductions.mean`` and
-  ``fn.coord_transform``. Deviations: intermediate values are not clipped to [0, 255] between the
-  four operations (only the result is), and hue is a rotation of RGB about the grey axis by
+  affine in RGB, so the jitter followed by grayscale collapses into one ``out = M x + K m`` per
+  sample, where m is the crop's mean colour (contrast blends with the mean grey of the image at
+  that point, which is linear in m). The four operations compose in a random order drawn per
+  sample, as torchvision's ColorJitter does. Evaluated with ``fn.reductions.mean`` and
+  ``fn.coord_transform``, and skipped for samples that draw neither operator. Deviations:
+  intermediate values are neither rounded nor clipped to [0, 255] between the operations (only the
+  result is), and hue is a rotation of RGB about the grey axis by
   360 * h degrees (h in [-.1, .1] -> +-36 degrees) instead of a shift in HSV; of the linear hue
   approximations this is the closest to torchvision's (mean abs. difference about 17/255 at h = .1,
   DALI's own YIQ rotation about 22/255).
-- GaussianBlur: ``fn.gaussian_blur`` with sigma U(0.1, 2), run only on the samples that draw it
-  (DALI conditionals). torchvision's window is ``blur_kernel_size(S)`` (23 px at 224); ours is cut
-  to 4 sigma on each side when that is narrower, which drops taps that together weigh under 1e-4
-  and makes the blur, the most expensive step on the CPU, about twice as fast. MoCo v2's PIL blur
-  takes a radius equal to sigma, so the same operator serves it.
+- GaussianBlur: torchvision's kernel (window ``blur_kernel_size(S)``, sigma U(0.1, 2)) computed in
+  Python and applied as two 1-D passes of ``fn.filter`` with reflect-101 borders (as torch's
+  ``reflect`` padding), only on the samples that draw it (DALI conditionals). On the CPU this is
+  several times faster than ``fn.gaussian_blur``; the pass in between is rounded to uint8, so
+  pixels may differ from torchvision by one grey level. MoCo v2's PIL blur takes a radius equal to
+  sigma, so the same operator serves it.
 - Solarize (threshold 128): integer arithmetic on the drawn samples only.
 - ToTensor + Normalize + flip: ``fn.crop_mirror_normalize`` to float32 NCHW.
 - Evaluation: Resize(int(S * 8/7), bicubic) + CenterCrop(S) is the single ROI resize of the box that
   the crop cuts out of the resized image.
 
-Decoding ignores EXIF orientation, as PIL's loader in torchvision's ImageFolder does.
+Decoding ignores EXIF orientation, as PIL's loader in torchvision's ImageFolder does. A file that
+passed the FolderIndex checks but cannot be read or decoded is skipped with a warning (and added to
+``index.skipped``); the next usable sample takes its place, so step counts stay equal across ranks.
 """
 from __future__ import annotations
 
@@ -150,34 +155,51 @@ def _hue_rotation(h: float) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
 
 
-def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (M, K), [n, 3, 3] each, such that jitter-then-greyscale maps a crop x to M x + K m,
-    m being the crop's mean colour.
+def colour_transform(order: Sequence[int], factors: Sequence[float], grey: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(M, K), 3 x 3 each, such that ColorJitter's operations ``order`` (0 brightness, 1 contrast,
+    2 saturation, 3 hue) with ``factors``, then greyscale if ``grey``, map an image x to M x + K m,
+    m being x's mean colour.
 
     The image after each step is kept as A x + U m. Brightness, saturation, hue and greyscale are
     linear maps L (A, U -> L A, L U); contrast f blends with the current mean grey g.(A + U) m.
     """
+    to_grey = np.outer(np.ones(3), GREY)
+    A, U = np.eye(3), np.zeros((3, 3))
+    for op in order:
+        f = factors[op]
+        if op == 0:
+            A, U = f * A, f * U
+        elif op == 1:
+            A, U = f * A, f * U + (1 - f) * to_grey @ (A + U)
+        else:
+            L = f * np.eye(3) + (1 - f) * to_grey if op == 2 else _hue_rotation(f)
+            A, U = L @ A, L @ U
+    if grey:
+        A, U = to_grey @ A, to_grey @ U
+    return A, U
+
+
+def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample (changed [n], M [n, 3, 3], K [n, 3, 3]) of ``colour_transform`` drawn as
+    RandomApply(ColorJitter) + RandomGrayscale draw them; ``changed`` is False where both were skipped."""
     b, c, s, h = spec.jitter
     jitter = rng.random(n) < spec.jitter_p
     factors = np.stack([rng.uniform(1 - b, 1 + b, n), rng.uniform(1 - c, 1 + c, n),
                         rng.uniform(1 - s, 1 + s, n), rng.uniform(-h, h, n)], axis=1)
-    orders = rng.permuted(np.tile(np.arange(4), (n, 1)), axis=1)
+    orders = rng.permuted(np.tile(np.arange(4), (n, 1)), axis=1)  # ColorJitter's random order
     grey = rng.random(n) < spec.grey_p
-    to_grey = np.outer(np.ones(3), GREY)
     M, K = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3, 3))
-    for i in np.flatnonzero(jitter | grey):
-        A, U = np.eye(3), np.zeros((3, 3))
-        for op in orders[i] if jitter[i] else ():
-            f = factors[i, op]
-            if op == 1:
-                A, U = f * A, f * U + (1 - f) * to_grey @ (A + U)
-                continue
-            L = (f * np.eye(3), None, f * np.eye(3) + (1 - f) * to_grey, _hue_rotation(f))[op]
-            A, U = L @ A, L @ U
-        if grey[i]:
-            A, U = to_grey @ A, to_grey @ U
-        M[i], K[i] = A, U
-    return M.astype(np.float32), K.astype(np.float32)
+    changed = jitter | grey
+    for i in np.flatnonzero(changed):
+        M[i], K[i] = colour_transform(orders[i] if jitter[i] else (), factors[i], grey[i])
+    return changed, M.astype(np.float32), K.astype(np.float32)
+
+
+def gaussian_kernels(sigma: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's 1-D Gaussian kernels of ``size`` taps, one row per sigma."""
+    x = np.arange(size) - (size - 1) / 2
+    kernels = np.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
+    return (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> list[list[np.ndarray]]:
@@ -192,16 +214,15 @@ def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.rand
     if spec.colour:
         params += [list(a) for a in colour_transforms(n, spec, rng)]
     if spec.blur_p:
-        sigma = rng.uniform(0.1, 2.0, n)
-        radius = np.minimum(np.ceil(4 * sigma), blur_kernel_size(image_size) // 2)
-        params += [list(rng.random(n) < spec.blur_p), list(sigma.astype(np.float32)), list((2 * radius + 1).astype(np.int32))]
+        kernels = gaussian_kernels(rng.uniform(0.1, 2.0, n), blur_kernel_size(image_size))
+        params += [list(rng.random(n) < spec.blur_p), list(kernels[:, None, :]), list(kernels[:, :, None])]
     if spec.solarize_p:
         params.append(list(rng.random(n) < spec.solarize_p))
     return params
 
 
 def _num_params(spec: ViewSpec) -> int:
-    return 3 + 2 * spec.colour + 3 * bool(spec.blur_p) + bool(spec.solarize_p)
+    return 3 + 3 * spec.colour + 3 * bool(spec.blur_p) + bool(spec.solarize_p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +239,15 @@ def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder
         x = fn.resize(images, size=[image_size, image_size], roi_start=roi_start, roi_end=roi_end,
                       interp_type=types.INTERP_CUBIC if spec.cubic else types.INTERP_LINEAR, antialias=True)
         if spec.colour:
-            M, K = next(params), next(params)
-            mean = fn.reshape(fn.reductions.mean(x, axis_names="HW"), shape=[1, 3])
-            offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[1, 1, 3])
-            x = fn.cast(fn.coord_transform(x, M=M) + offset, dtype=types.UINT8)  # saturating cast clips to [0, 255]
+            recolour, M, K = next(params), next(params), next(params)
+            if recolour:
+                mean = fn.reshape(fn.reductions.mean(x, axis_names="HW"), shape=[1, 3])
+                offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[1, 1, 3])
+                x = fn.cast(fn.coord_transform(x, M=M) + offset, dtype=types.UINT8)  # saturating: clips to [0, 255]
         if spec.blur_p:
-            blur, sigma, window = next(params), next(params), next(params)
+            blur, row, column = next(params), next(params), next(params)
             if blur:
-                x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
+                x = fn.filter(fn.filter(x, row, border="reflect_101"), column, border="reflect_101")
         if spec.solarize_p:
             solarize = next(params)
             if solarize:
@@ -248,7 +270,9 @@ def _decode_error(data: np.ndarray) -> str | None:
         pipe.build()
         pipe.run()
     except Exception as exc:  # DALI reports decoder failures as RuntimeError, some setups as others
-        return f"DALI cannot decode it: {str(exc).splitlines()[0]}"
+        # DALI's message repeats the pipeline context; the cause follows "encountered:".
+        cause = str(exc).split("encountered:")[-1].strip().splitlines()
+        return f"DALI cannot decode it: {cause[0] if cause else type(exc).__name__}"
     return None
 
 
@@ -269,7 +293,7 @@ class _Runner:
         self.bad: set[int] = set()
         self._sizes: dict[int, tuple[int, int]] = {}
         self._pending: Iterator[tuple] = iter(())
-        self._pipe = None
+        self._idle = None  # a pipeline between epochs
 
     def _feed(self) -> tuple:
         return next(self._pending)  # StopIteration ends DALI's epoch
@@ -282,76 +306,84 @@ class _Runner:
         pipe.build()
         return pipe
 
-    def _usable(self, i: int) -> int:
-        if len(self.bad) == len(self.index):
-            raise DatasetError(f"no image of {str(self.index.root)!r} can be decoded")
-        while i in self.bad:
-            i = (i + 1) % len(self.index)
-        return i
+    def _skip(self, i: int, reason: str) -> None:
+        path = self.index.samples[i][0]
+        warnings.warn(f"skipping {path}: {reason}")
+        self.index.skipped.append((path, reason))
+        self.bad.add(i)
 
-    def _read(self, i: int) -> np.ndarray:
-        data = np.fromfile(self.index.samples[i][0], dtype=np.uint8)
-        if i not in self._sizes:
-            with Image.open(io.BytesIO(data)) as img:  # parses the header only
-                self._sizes[i] = (img.height, img.width)
-        return data
+    def _read(self, i: int) -> tuple[int, np.ndarray]:
+        """Sample i, or the next usable one after it, and its encoded bytes."""
+        while True:
+            if len(self.bad) == len(self.index):
+                raise DatasetError(f"no image of {str(self.index.root)!r} can be read")
+            while i in self.bad:
+                i = (i + 1) % len(self.index)
+            try:
+                data = np.fromfile(self.index.samples[i][0], dtype=np.uint8)
+                if i not in self._sizes:
+                    with Image.open(io.BytesIO(data)) as img:  # parses the header only
+                        self._sizes[i] = (img.height, img.width)
+                return i, data
+            except (OSError, ValueError) as exc:  # the file changed since it was indexed
+                self._skip(i, f"cannot read it: {type(exc).__name__}: {exc}")
 
     def _batch(self, step: int, indices: Sequence[int], params: Callable[[int, np.ndarray], list]) -> tuple:
-        indices = [self._usable(i) for i in indices]
-        encoded = [self._read(i) for i in indices]
+        indices, encoded = zip(*(self._read(i) for i in indices))
         labels = [np.int64(self.index.samples[i][1]) for i in indices]
         sizes = np.array([self._sizes[i] for i in indices])
-        return (encoded, labels, *params(step, sizes))
+        return (list(encoded), labels, *params(step, sizes))
 
     def _find_bad(self, batches: Sequence[Sequence[int]]) -> bool:
+        """Probe the files of ``batches`` one by one with DALI's CPU decoder; skip those it rejects."""
         found = False
-        for i in sorted({self._usable(i) for batch in batches for i in batch}):
-            try:
-                reason = _decode_error(self._read(i))
-            except (OSError, ValueError) as exc:
-                reason = f"cannot read it: {type(exc).__name__}: {exc}"
+        for i in sorted({self._read(i)[0] for batch in batches for i in batch}):
+            reason = _decode_error(self._read(i)[1])
             if reason:
-                path = self.index.samples[i][0]
-                warnings.warn(f"skipping {path}: {reason}")
-                self.index.skipped.append((path, reason))
-                self.bad.add(i)
+                self._skip(i, reason)
                 found = True
         return found
 
     def _to_torch(self, outputs) -> list[torch.Tensor]:
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        tensors = []
+        """Copies of the outputs (DALI reuses its buffers on the next run) as torch tensors on ``device``."""
+        labels = torch.from_numpy(np.array(outputs[-1].as_tensor())).to(self.device, non_blocking=True)
+        if self.device.type != "cuda":
+            # numpy's copy is several times faster than feed_ndarray into a fresh CPU tensor.
+            return [torch.from_numpy(np.array(out.as_tensor())) for out in outputs[:-1]] + [labels]
+        stream = torch.cuda.current_stream(self.device)
+        views = []
         for out in outputs[:-1]:
             dali_tensor = out.as_tensor()
-            tensor = torch.empty(dali_tensor.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(dali_tensor, tensor, cuda_stream=stream)
-            tensors.append(tensor)
-        labels = torch.from_numpy(np.array(outputs[-1].as_tensor())).to(self.device, non_blocking=True)
-        return tensors + [labels]
+            view = torch.empty(dali_tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(dali_tensor, view, cuda_stream=stream)
+            views.append(view)
+        return views + [labels]
 
     def run(self, batches: Sequence[Sequence[int]], params: Callable[[int, np.ndarray], list]) -> Iterator[list[torch.Tensor]]:
-        """One epoch: the outputs of ``batches`` (lists of sample indices) in order."""
-        done, finished = 0, False
-        try:
-            while not finished:
-                self._pending = (self._batch(s, batches[s], params) for s in range(done, len(batches)))
-                self._pipe = self._pipe or self._build()
-                try:
-                    while True:
-                        outputs = self._pipe.run()
-                        done += 1
-                        yield self._to_torch(outputs)
-                except StopIteration:
-                    self._pipe.reset()
-                    finished = True
-                except RuntimeError:
-                    self._pipe = None
-                    # The failure may belong to any batch already queued behind the current one.
-                    if not self._find_bad(batches[done: done + _PREFETCH + 1]):
-                        raise
-        finally:
-            if not finished:
-                self._pipe = None  # batches of an abandoned epoch may still be queued in it
+        """One epoch: the outputs of ``batches`` (lists of sample indices) in order.
+
+        The pipeline goes back to ``self._idle`` only after a complete epoch: one abandoned half-way
+        may still hold queued batches, so it is dropped and the next epoch builds a fresh one.
+        """
+        pipe, self._idle = self._idle, None
+        done = 0
+        while True:
+            self._pending = (self._batch(s, batches[s], params) for s in range(done, len(batches)))
+            pipe = pipe or self._build()
+            try:
+                while True:
+                    outputs = pipe.run()
+                    done += 1
+                    yield self._to_torch(outputs)
+            except StopIteration:
+                pipe.reset()
+                self._idle = pipe
+                return
+            except RuntimeError:
+                pipe = None
+                # The failure may belong to any batch already queued behind the current one.
+                if not self._find_bad(batches[done: done + _PREFETCH + 1]):
+                    raise
 
 
 class DaliTrainLoader:
@@ -370,7 +402,7 @@ class DaliTrainLoader:
             raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
         self.index = index
         self.classes = index.classes
-        self.recipe = recipe
+        self.views = RECIPE_VIEWS[recipe]
         self.batch_size, self.image_size = batch_size, image_size
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.epoch = 0
@@ -378,7 +410,7 @@ class DaliTrainLoader:
             raise ValueError(
                 f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
             )
-        self._runner = _Runner(index, RECIPE_VIEWS[recipe], batch_size, image_size, device, num_threads)
+        self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads)
 
     def __len__(self) -> int:
         return len(self.index) // (self.batch_size * self.num_shards)
@@ -386,14 +418,17 @@ class DaliTrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _params(self, step: int, sizes: np.ndarray) -> list:
-        rng = np.random.default_rng([stream_seed(self.seed, self.epoch, self.shard_id), step])
-        return [p for spec in RECIPE_VIEWS[self.recipe] for p in view_params(spec, sizes, self.image_size, rng)]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices = epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
         batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        for view1, view2, labels in self._runner.run(batches, self._params):
+        # DALI asks for batches ahead of time: the epoch's seed is fixed here, not read at feed time.
+        seed = stream_seed(self.seed, self.epoch, self.shard_id)
+
+        def params(step: int, sizes: np.ndarray) -> list:
+            rng = np.random.default_rng([seed, step])
+            return [p for spec in self.views for p in view_params(spec, sizes, self.image_size, rng)]
+
+        for view1, view2, labels in self._runner.run(batches, params):
             yield view1, view2, labels
 
 
