@@ -135,3 +135,14 @@ def test_misspelt_key_is_a_one_line_error_from_the_cli(tmp_path):
     assert "Traceback" not in proc.stderr
     with pytest.raises(ConfigError):
         train.main(["-c", str(bad), "--data_dir", str(tmp_path / "data"), "--log_dir", "l", "--ckpt_dir", "c"])
+
+
+def test_debug_run_on_the_default_dali_backend(tmp_path):
+    """--debug (batch 2, one epoch, 8 images, no worker processes) through DALI, the default backend."""
+    write_folder(tmp_path / "data", classes=2, per_class=5, size=40)
+    cfg_path = _config_file(tmp_path, data={"backend": "dali"})
+    proc = _run(tmp_path, "debug", cfg_path, "--debug")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "debug" / "results.json").read_text())
+    assert results["steps"] == 4 and results["config"]["data"]["backend"] == "dali"
+    assert results["config"]["train"]["batch_size"] == 2

@@ -38,7 +38,8 @@ def build_train_loader(data_dir: str | os.PathLike, recipe: str, batch_size: int
     if backend == "dali":
         from .dali import DaliTrainLoader
 
-        return DaliTrainLoader(index, recipe, batch_size, image_size, device, num_threads, seed, shard_id, num_shards)
+        # num_threads 0 means "no worker processes" to torchvision; DALI always needs a thread.
+        return DaliTrainLoader(index, recipe, batch_size, image_size, device, max(1, num_threads), seed, shard_id, num_shards)
     return TorchTrainLoader(index, recipe, batch_size, image_size, device, num_threads, seed, shard_id, num_shards)
 
 
@@ -51,7 +52,7 @@ def build_eval_loader(data_dir: str | os.PathLike, split: str, batch_size: int, 
     if backend == "dali":
         from .dali import DaliEvalLoader
 
-        return DaliEvalLoader(index, batch_size, image_size, device, num_threads, shard_id, num_shards)
+        return DaliEvalLoader(index, batch_size, image_size, device, max(1, num_threads), shard_id, num_shards)
     return TorchEvalLoader(index, batch_size, image_size, device, num_threads, shard_id, num_shards)
 
 
