@@ -42,6 +42,7 @@ from lcr_fast.models.moco import check_queue_size
 from lcr_fast.optim import build_optimizer, build_schedule
 from lcr_fast.report import plot_curves, write_report
 from lcr_fast.run_log import RunLog
+from lcr_fast.visualize import pick_images, write_heatmaps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["retrieval_best"] = best_over_epochs(history)
         if cfg.logger.matplotlib:
             results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
+            images, titles = pick_images(test_index, 8, cfg.dataset.image_size)
+            results["heatmaps"] = write_heatmaps(model, images, os.path.join(args.log_dir, "heatmaps.png"), titles=titles)
         _, report = write_report(results, args.log_dir)
         print(format_results(results))
         print(f"report written to {report}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lcr_fast.eval import retrieval as retrieval_module
 from lcr_fast.eval import retrieval_metrics
 
 
@@ -117,3 +118,83 @@ def test_all_singletons_and_too_few_items() -> None:
     assert retrieval_metrics(feats, torch.tensor([0, 1, 2])) == {"rank1": 0.0, "rank5": 0.0, "mAP": 0.0}
     with pytest.raises(ValueError):
         retrieval_metrics(feats[:1], torch.tensor([0]))
+
+
+def stable_loop(feats: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The reference loop with its documented tie rule: equal similarities in dataset order."""
+    n = len(labels)
+    top1, top5, aps = [], [], []
+    for j in range(n):
+        others = np.arange(n) != j
+        ranked = labels[others][np.argsort(-(feats[others] @ feats[j]), kind="stable")]
+        top1.append(ranked[0] == labels[j])
+        top5.append(np.any(ranked[:5] == labels[j]))
+        positives = np.flatnonzero(ranked == labels[j])
+        if len(positives):
+            aps.append(np.mean(np.arange(1, len(positives) + 1) / (positives + 1)))
+    return {"rank1": float(np.mean(top1)), "rank5": float(np.mean(top5)), "mAP": float(np.mean(aps)) if aps else 0.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 1000])
+def test_exact_ties_duplicates_and_uneven_classes(dtype: torch.dtype, chunk_size: int) -> None:
+    # Features with entries in {-1, 0, 1} over 3 dims: similarities are small integers, so ties
+    # between positives and others are everywhere; add duplicated rows, a large class, singletons
+    # and rows without ties, so that the counting path and the sort path share chunks.
+    generator = torch.Generator().manual_seed(chunk_size)
+    coarse = torch.randint(-1, 2, (40, 3), generator=generator).to(dtype)
+    fine = torch.nn.functional.normalize(torch.randn(30, 16, generator=generator, dtype=dtype), dim=1)
+    feats = torch.cat([torch.nn.functional.pad(coarse, (0, 13)), fine, fine[:5]])
+    labels = torch.cat([torch.randint(4, (40,), generator=generator), torch.full((20,), 7), torch.arange(10, 20),
+                        torch.full((5,), 7)])
+    got = retrieval_metrics(feats, labels, chunk_size=chunk_size)
+    expected = stable_loop(feats.double().numpy(), labels.numpy())
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_collapsed_features_rank_in_dataset_order() -> None:
+    # Every item identical (a collapsed model): all similarities tie, so ranks follow the index.
+    feats = torch.ones(12, 4) / 2
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    got = retrieval_metrics(feats, labels, chunk_size=5)
+    expected = stable_loop(feats.double().numpy(), labels.numpy())
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_random_data_chunking_does_not_change_results() -> None:
+    generator = torch.Generator().manual_seed(3)
+    feats = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=1)
+    labels = torch.randint(30, (300,), generator=generator)
+    results = [retrieval_metrics(feats, labels, chunk_size=c, max_matrix_bytes=m) for c in (1, 37, 300, 4096) for m in (0, 2**28)]
+    for other in results[1:]:
+        assert other["rank1"] == results[0]["rank1"] and other["rank5"] == results[0]["rank5"]
+        assert other["mAP"] == pytest.approx(results[0]["mAP"], abs=1e-12)
+    expected = stable_loop(feats.double().numpy(), labels.numpy())
+    # float32 scores against float64 ones: equal unless two scores are within rounding of each other.
+    assert results[0]["mAP"] == pytest.approx(expected["mAP"], abs=1e-3)
+
+
+@pytest.fixture(params=["compare", "search"])
+def counting(request, monkeypatch):
+    """Both ways retrieval_metrics counts the items above each positive (it picks one by class size)."""
+    monkeypatch.setattr(retrieval_module, "COMPARE_MAX_CLASS_SIZE", 2**62 if request.param == "compare" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("max_matrix_bytes", [0, 2**28], ids=["row-chunks", "symmetric"])
+def test_both_counting_paths_match_the_loops(counting, max_matrix_bytes) -> None:
+    generator = torch.Generator().manual_seed(5)
+    feats = torch.nn.functional.normalize(torch.randn(300, 24, generator=generator, dtype=torch.float64), dim=1)
+    labels = torch.randint(12, (300,), generator=generator)
+    labels[:3] = torch.tensor([40, 41, 42])  # singletons
+    got = retrieval_metrics(feats, labels, chunk_size=64, max_matrix_bytes=max_matrix_bytes)
+    expected = reference_loop(feats.numpy(), labels.numpy())
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+    # With exact ties everywhere (entries in {-1, 0, 1}): the sort path takes over row by row.
+    coarse = torch.randint(-1, 2, (60, 4), generator=generator).float()
+    labels = torch.randint(5, (60,), generator=generator)
+    got = retrieval_metrics(coarse, labels, chunk_size=16, max_matrix_bytes=max_matrix_bytes)
+    expected = stable_loop(coarse.double().numpy(), labels.numpy())
+    assert got == pytest.approx(expected, abs=1e-12)

@@ -99,13 +99,3 @@ def eval_transform(image_size: int) -> Callable:
         [T.Resize(eval_resize(image_size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)] + _normalize()
     )
 
-
-def linear_train_transform(image_size: int) -> Callable:
-    """The linear probe's training transform (RandomResizedCrop + flip, bicubic as the reference)."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-        ]
-        + _normalize()
-    )

@@ -1,15 +1,113 @@
 """Leave-one-out image retrieval: rank-1, rank-5 and mAP, the metrics LCR reports for MoCo runs.
 
 The reference (``validate`` in GANPerf/LCR ``main_moco.py``) loops over queries in Python and sorts
-each row on the host. Here a chunk of queries is scored, sorted and reduced at once on the features'
-device, so only a ``chunk_size x N`` block ever exists.
+each row on the host. Here a chunk of queries is scored and reduced at once on the features'
+device (the scores of all N x N pairs are computed as half a product and a mirror while they fit in
+a memory budget, else ``chunk_size`` rows at a time), and no row is sorted: a query needs only
+the ranks of its few positives (about N / classes), and a positive's rank is the number of items
+scoring more than it. Those are counted with one comparison pass over the row per positive (small
+classes) or by placing every item among the query's sorted positive scores (``searchsorted``) and
+summing a histogram of the positions (large classes); rank-1 and rank-5 follow from the best
+positive's rank. Rows where another item scores exactly as much as a positive (where the tie rule
+decides the order) take the stable sort instead, so the results are those of the sort in every case.
 """
 import torch
 from torch import Tensor
 
 
+def _class_members(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(table [classes, largest class] of item indices padded with -1, row of that table for each item)."""
+    _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    order = torch.sort(group, stable=True).indices
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(labels.shape[0], device=labels.device) - starts[group[order]]
+    table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=labels.device)
+    table[group[order], slot] = order
+    return table, group
+
+
+# Largest class (so at most one fewer positives per query) up to which the items above each positive
+# are counted by one comparison pass per positive; beyond it, by one binary search per item among the
+# positives, whose cost grows only as the log of the class size. On a 2-core CPU at N=1000 the two
+# cost the same at ~150 positives per query (CUB, Cars, Aircraft test classes hold 30-50 images).
+COMPARE_MAX_CLASS_SIZE = 128
+
+
+def _count_by_comparing(sim: Tensor, positive_scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+    """(items scoring more than each positive slot [B, S], rows where a non-positive ties a positive [B])."""
+    b, s = positive_scores.shape[0], positive_scores.shape[1] - 1
+    # The masks are written as 0.0 / 1.0 floats and summed as such (exact for counts below 2**24 in
+    # float32): on a CPU that is ~4x faster than a bool mask, which a sum first widens to integers.
+    dtype = sim.dtype if sim.shape[1] < 2**24 else torch.float64
+    greater = torch.zeros(b, s, dtype=dtype, device=sim.device)
+    equal = torch.zeros(b, s, dtype=dtype, device=sim.device)
+    mask = torch.empty(sim.shape, dtype=dtype, device=sim.device)
+    for a in range(int(positives.max())):
+        threshold = positive_scores[:, a : a + 1]
+        greater[:, a] = torch.gt(sim, threshold, out=mask).sum(dim=1)
+        equal[:, a] = torch.eq(sim, threshold, out=mask).sum(dim=1)
+    greater, equal = greater.long(), equal.long()
+    # Each positive equals itself and any positive of the same score; more is a tie with another item.
+    same = (torch.searchsorted(positive_scores, positive_scores[:, :s].contiguous(), right=True)
+            - torch.searchsorted(positive_scores, positive_scores[:, :s].contiguous()))
+    slot = torch.arange(s, device=sim.device)
+    tie_rows = ((equal > same) & (slot < positives[:, None])).any(dim=1)
+    return greater, tie_rows
+
+
+def _count_by_searching(sim: Tensor, positive_scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+    """As ``_count_by_comparing``, by placing each item among the sorted positive scores."""
+    b, s = positive_scores.shape[0], positive_scores.shape[1] - 1
+    # below[q, k]: how many of q's positives score strictly less than item k.
+    below = torch.searchsorted(positive_scores, sim)
+    # Each positive matches its own score; any further match is another item tying a positive.
+    tie_rows = (positive_scores.gather(1, below) == sim).sum(dim=1) > positives
+    hist = torch.zeros(b, s + 1, dtype=torch.long, device=sim.device)
+    hist.scatter_add_(1, below, torch.ones((1, 1), dtype=torch.long, device=sim.device).expand_as(below))
+    # greater[q, a] = #{k: below[q, k] > a}.
+    greater = hist.sum(dim=1, keepdim=True) - hist.cumsum(dim=1)
+    return greater[:, :s], tie_rows
+
+
+# Rows per block of the symmetric product: large enough for an efficient matrix product, small enough
+# that the blocks below the diagonal (mirrored, not computed) are most of the lower half.
+SYMMETRIC_BLOCK = 256
+
+
+def _symmetric_similarity(features: Tensor) -> Tensor:
+    """features @ features.T from the blocks on and above the diagonal; those below are their mirror."""
+    n = features.shape[0]
+    sim = torch.empty(n, n, dtype=features.dtype, device=features.device)
+    edges = list(range(0, n, SYMMETRIC_BLOCK)) + [n]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        torch.mm(features[start:stop], features[start:].T, out=sim[start:stop, start:])
+        sim[stop:, start:stop] = sim[start:stop, stop:].T
+    return sim
+
+
+def _sorted_rows(sim: Tensor, hit: Tensor) -> tuple[int, int, float, int]:
+    """(rank-1 hits, rank-5 hits, sum of AP, queries with a positive) of full rows by a stable sort.
+
+    ``sim`` [B, N] has -inf at each query's own column; ``hit`` [B, N] marks its positives.
+    """
+    order = sim.sort(dim=1, descending=True, stable=True).indices[:, : sim.shape[1] - 1]
+    hit = hit.gather(1, order)
+    b = sim.shape[0]
+    # nonzero lists each query's positives in rank order, so the j-th of a query has j found.
+    query, rank0 = hit.nonzero(as_tuple=True)
+    positives = torch.bincount(query, minlength=b)
+    first = positives.cumsum(0) - positives
+    found = torch.arange(query.shape[0], device=sim.device) - first[query] + 1
+    # float64, as the reference accumulates Python floats.
+    precision = found.double() / (rank0 + 1).double()
+    ap = torch.zeros(b, dtype=torch.float64, device=sim.device).index_add_(0, query, precision)
+    return (int(hit[:, 0].sum()), int(hit[:, :5].any(dim=1).sum()), float((ap / positives.clamp(min=1)).sum()),
+            int((positives > 0).sum()))
+
+
 @torch.no_grad()
-def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024) -> dict[str, float]:
+def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024,
+                      max_matrix_bytes: int = 2**28) -> dict[str, float]:
     """Leave-one-out retrieval over ``features`` [N, D] with class ``labels`` [N].
 
     Every item queries the other N-1, ranked by dot product (pass L2-normalised features for
@@ -25,6 +123,11 @@ def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024) 
     Singleton classes: a query with no other member of its class counts as a miss for rank-1 and
     rank-5 (as in the reference) and is left out of the mAP mean, where the reference would divide
     by zero and report nan. If no query has a positive at all, mAP is 0.0.
+
+    Memory: the similarity matrix is symmetric, so when all N x N scores fit in ``max_matrix_bytes``
+    (256 MiB: N up to 8,192 in float32) only the blocks on and above the diagonal are multiplied and
+    the rest is mirrored, half the work of the product. Beyond that, each chunk of ``chunk_size``
+    queries is scored against all N at a time. Counting adds a few ``chunk_size x N`` temporaries.
     """
     n = features.shape[0]
     if n < 2:
@@ -36,30 +139,58 @@ def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024) 
         features = features.float()
     device = features.device
     labels = labels.to(device)
+    table, group = _class_members(labels)
+    s = table.shape[1]  # slots per query: its class's members, itself included (masked below)
+    rows_max = min(chunk_size, n)
+    inf_column = torch.full((rows_max, 1), torch.inf, dtype=features.dtype, device=device)
+    full = _symmetric_similarity(features) if n * n * features.element_size() <= max_matrix_bytes else None
     hits1 = hits5 = with_positives = 0
     ap_sum = 0.0
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        rows = torch.arange(stop - start, device=device)
-        sim = features[start:stop] @ features.T
-        # The query itself sinks to the last place and is then cut off.
-        sim[rows, rows + start] = -torch.inf
-        order = sim.sort(dim=1, descending=True, stable=True).indices[:, : n - 1]
+        b = stop - start
+        rows = torch.arange(b, device=device)
+        query = rows + start
+        sim = full[start:stop] if full is not None else features[start:stop] @ features.T
+        # The query itself sinks to the last place (and is never counted as ranked before anything).
+        sim[rows, query] = -torch.inf
+
+        # The query's positives: its class's members other than itself. Empty slots point at the
+        # query itself and score +inf, as does one extra slot, so no finite score lies above them.
+        members = table[group[start:stop]]
+        valid = (members >= 0) & (members != query[:, None])
+        members = torch.where(valid, members, query[:, None])
+        positive_scores = torch.cat([sim.gather(1, members).masked_fill_(~valid, torch.inf), inf_column[:b]], dim=1)
+        positive_scores = positive_scores.sort(dim=1).values
+        positives = valid.sum(dim=1)
+        slot = torch.arange(s, device=device)
+        is_positive = slot < positives[:, None]  # sorted: the positives fill the first slots
+
+        # How many items score more than each positive (the query itself scores -inf: never), and
+        # whether an item other than the positives scores exactly as much as one of them; there the
+        # tie rule (index order) decides, so such rows take the stable sort. Rare with real-valued
+        # features (duplicate images, a collapsed model).
+        count = _count_by_comparing if s <= COMPARE_MAX_CLASS_SIZE else _count_by_searching
+        greater, tie_rows = count(sim, positive_scores, positives)
+        # Positives of equal score: the lower ascending slot is ranked after the higher ones.
+        tied_above = torch.searchsorted(positive_scores, positive_scores[:, :s].contiguous(), right=True) - 1 - slot
+        rank0 = greater + tied_above
+        # Ascending slot a of a query with P positives is its (P - a)-th best positive.
+        found = positives[:, None] - slot
+        precision = torch.where(is_positive, found.double() / (rank0 + 1).double(), 0.0)
+        ap = precision.sum(dim=1) / positives.clamp(min=1)
+        best = rank0.gather(1, (positives - 1).clamp(min=0)[:, None])[:, 0]
+        fast = ~tie_rows & (positives > 0)
+        hits1 += int((fast & (best == 0)).sum())
+        hits5 += int((fast & (best < 5)).sum())
+        ap_sum += float(ap[fast].sum())
+        with_positives += int(fast.sum())
+        if bool(tie_rows.any()):
+            hit = labels[None, :] == labels[start:stop, None]
+            hit[rows, query] = False
+            h1, h5, ap_part, wp = _sorted_rows(sim[tie_rows], hit[tie_rows])
+            hits1, hits5, ap_sum, with_positives = hits1 + h1, hits5 + h5, ap_sum + ap_part, with_positives + wp
         del sim
-        hit = labels[order] == labels[start:stop, None]
-        hits1 += int(hit[:, 0].sum())
-        hits5 += int(hit[:, :5].any(dim=1).sum())
-        # Positives are about one in (number of classes): work on them alone, not on every rank.
-        # nonzero lists each query's positives in rank order, so the j-th of a query has j found.
-        query, rank0 = hit.nonzero(as_tuple=True)
-        positives = torch.bincount(query, minlength=stop - start)
-        first = positives.cumsum(0) - positives
-        found = torch.arange(query.shape[0], device=device) - first[query] + 1
-        # float64, as the reference accumulates Python floats.
-        precision = found.double() / (rank0 + 1).double()
-        ap = torch.zeros(stop - start, dtype=torch.float64, device=device).index_add_(0, query, precision)
-        ap_sum += float((ap / positives.clamp(min=1)).sum())
-        with_positives += int((positives > 0).sum())
     return {
         "rank1": hits1 / n,
         "rank5": hits5 / n,
