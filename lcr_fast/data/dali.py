@@ -242,8 +242,9 @@ def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder
             recolour, M, K = next(params), next(params), next(params)
             if recolour:
                 mean = fn.reshape(fn.reductions.mean(x, axis_names="HW"), shape=[1, 3])
-                offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[1, 1, 3])
-                x = fn.cast(fn.coord_transform(x, M=M) + offset, dtype=types.UINT8)  # saturating: clips to [0, 255]
+                offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[3])
+                # One pass: M x + K m, converted to uint8 with saturation (clips to [0, 255]).
+                x = fn.coord_transform(x, M=M, T=offset, dtype=types.UINT8)
         if spec.blur_p:
             blur, row, column = next(params), next(params), next(params)
             if blur:
