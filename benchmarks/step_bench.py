@@ -1,7 +1,7 @@
 """Training-step throughput: lcr-fast against the reference's formulation, same model, batch and image size.
 
     python benchmarks/step_bench.py                          # CPU: ResNet-50 (no max-pool), batch 8, 112 px, fp32
-    python benchmarks/step_bench.py --batch 128 --size 224 --precision bf16 --channels_last   # one GPU
+    python benchmarks/step_bench.py --batch 128 --size 224 --precision bf16   # one GPU
 
 The reference side is lcr_fast.reference (a plain re-implementation of GANPerf/LCR's step: fp32
 eager, EMA inside forward, its LARS). Ours is the model, optimizer and step order train.py runs
@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="our model in channels_last, as engine.channels_last defaults (the reference stays contiguous)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -108,7 +109,7 @@ def main() -> None:
     for variant in ("reference", "ours"):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch, "--batch", str(args.batch),
                "--size", str(args.size), "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
+        cmd += ["--channels_last" if args.channels_last else "--no-channels_last"] + ["--compile"] * args.compile
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
