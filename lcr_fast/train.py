@@ -42,7 +42,7 @@ from lcr_fast.models.moco import check_queue_size
 from lcr_fast.optim import build_optimizer, build_schedule
 from lcr_fast.report import plot_curves, write_report
 from lcr_fast.run_log import RunLog
-from lcr_fast.visualize import pick_images, write_heatmaps
+from lcr_fast.visualize import pick_images, rationale_maps, write_heatmaps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "history": history,
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,
                      "config": cfg.to_dict()}
+    if cfg.logger.matplotlib:
+        # On every rank: MoCo's forward gathers keys across ranks, so all of them must run it.
+        count = 8
+        if cfg.model.name == "moco":  # the keys of every rank's images must fill the queue in whole batches
+            count = max(n for n in range(1, count + 1) if cfg.model.moco_k % (n * info.world_size) == 0)
+        images, titles = pick_images(test_index, count, cfg.dataset.image_size)
+        maps = rationale_maps(model, images)
     if info.is_main:
         reference_path = os.path.join(args.ckpt_dir, f"{cfg.name}_reference.pth")
         export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
@@ -240,8 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["retrieval_best"] = best_over_epochs(history)
         if cfg.logger.matplotlib:
             results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
-            images, titles = pick_images(test_index, 8, cfg.dataset.image_size)
-            results["heatmaps"] = write_heatmaps(model, images, os.path.join(args.log_dir, "heatmaps.png"), titles=titles)
+            results["heatmaps"] = write_heatmaps(model, images, os.path.join(args.log_dir, "heatmaps.png"), titles=titles, maps=maps)
         _, report = write_report(results, args.log_dir)
         print(format_results(results))
         print(f"report written to {report}")

@@ -82,19 +82,21 @@ def heatmap_panels(images: Tensor, cam: Tensor, attention: Tensor,
 
 
 def write_heatmaps(model: nn.Module, images: Tensor, out_path: str, mean_std=(IMAGENET_MEAN, IMAGENET_STD),
-                   titles: list[str] | None = None, panel_px: int = 128) -> str:
+                   titles: list[str] | None = None, panel_px: int = 128, maps: tuple[Tensor, Tensor] | None = None) -> str:
     """Write the heatmap grid of ``images`` (a normalised batch [N, 3, H, W]) to ``out_path`` (PNG).
 
     The picture is exactly ``4 * panel_px`` pixels wide and ``28 + N * panel_px`` high (a title strip,
     then one row of four ``panel_px`` square panels per image). ``titles`` (one per image, e.g. class
-    names) label the image panels. Returns ``out_path``.
+    names) label the image panels. ``maps`` are ``rationale_maps(model, images)`` when the caller
+    computed them already (in a multi-rank run every rank must run MoCo's forward, which gathers
+    across ranks, while one rank draws). Returns ``out_path``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cam, attention = rationale_maps(model, images)
+    cam, attention = maps if maps is not None else rationale_maps(model, images)
     panels = heatmap_panels(images, cam, attention, mean_std)
     n = images.shape[0]
     dpi = 100
