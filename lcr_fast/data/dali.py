@@ -202,6 +202,14 @@ def gaussian_kernels(sigma: np.ndarray, size: int) -> np.ndarray:
     return (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def trim_kernel(kernel: np.ndarray, sigma: float) -> np.ndarray:
+    """``kernel`` without its outer taps beyond 5 sigma (weights below 4e-6 of the centre's), unnormalised
+    again: the blur equals torchvision's to far below a grey level and costs a small sigma fewer taps."""
+    radius = min(len(kernel) // 2, math.ceil(5 * sigma))
+    centre = len(kernel) // 2
+    return kernel[centre - radius:centre + radius + 1]
+
+
 def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> list[list[np.ndarray]]:
     """The per-sample inputs of one view, in the order ``_graph`` consumes them."""
     n = len(sizes)
@@ -214,8 +222,9 @@ def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.rand
     if spec.colour:
         params += [list(a) for a in colour_transforms(n, spec, rng)]
     if spec.blur_p:
-        kernels = gaussian_kernels(rng.uniform(0.1, 2.0, n), blur_kernel_size(image_size))
-        params += [list(rng.random(n) < spec.blur_p), list(kernels[:, None, :]), list(kernels[:, :, None])]
+        sigma = rng.uniform(0.1, 2.0, n)
+        taps = [trim_kernel(k, s) for k, s in zip(gaussian_kernels(sigma, blur_kernel_size(image_size)), sigma)]
+        params += [list(rng.random(n) < spec.blur_p), [k[None, :] for k in taps], [k[:, None] for k in taps]]
     if spec.solarize_p:
         params.append(list(rng.random(n) < spec.solarize_p))
     return params
