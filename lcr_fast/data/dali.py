@@ -59,7 +59,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
 
 from .folder import DatasetError, FolderIndex
-from .sharding import epoch_indices, stream_seed
+from .sharding import ShardedEpochs
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, eval_resize
 
 GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's convert("L")
@@ -396,7 +396,7 @@ class _Runner:
                     raise
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` of one rank's shard, on ``device``.
 
     Reads exactly the batches of ``epoch_indices`` (as the torchvision loader), with augmentation
@@ -408,31 +408,16 @@ class DaliTrainLoader:
                  num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1):
         if recipe not in RECIPE_VIEWS:
             raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {tuple(RECIPE_VIEWS)}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
-        self.index = index
-        self.classes = index.classes
+        super().__init__(index, batch_size, seed, shard_id, num_shards)
         self.views = RECIPE_VIEWS[recipe]
-        self.batch_size, self.image_size = batch_size, image_size
-        self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
-        self.epoch = 0
-        if len(self) == 0:
-            raise ValueError(
-                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
-            )
+        self.image_size = image_size
         self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads)
 
-    def __len__(self) -> int:
-        return len(self.index) // (self.batch_size * self.num_shards)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        indices = epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
+        indices = self.epoch_indices()
         batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # DALI asks for batches ahead of time: the epoch's seed is fixed here, not read at feed time.
-        seed = stream_seed(self.seed, self.epoch, self.shard_id)
+        seed = self.epoch_seed()
 
         def params(step: int, sizes: np.ndarray) -> list:
             rng = np.random.default_rng([seed, step])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .folder import FolderIndex
+
 
 def stream_seed(seed: int, epoch: int, shard_id: int = 0) -> int:
     """A distinct, reproducible seed for one rank's epoch (augmentation streams, shuffles)."""
@@ -26,3 +28,36 @@ def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shar
     steps = num_samples // global_batch
     blocks = perm[: steps * global_batch].view(steps, num_shards, batch_size)
     return blocks[:, shard_id].reshape(-1).tolist()
+
+
+class ShardedEpochs:
+    """What both training loaders share: one rank's shard of ``index``, epoch by epoch.
+
+    ``len()`` is the steps per epoch (equal on every rank), ``set_epoch(e)`` selects the epoch whose
+    batches ``epoch_indices()`` returns and whose augmentation stream ``epoch_seed()`` seeds.
+    """
+
+    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int):
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
+        self.index = index
+        self.classes = index.classes
+        self.batch_size, self.seed = batch_size, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.epoch = 0
+        if len(self) == 0:
+            raise ValueError(
+                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index) // (self.batch_size * self.num_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> list[int]:
+        return epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
+
+    def epoch_seed(self) -> int:
+        return stream_seed(self.seed, self.epoch, self.shard_id)

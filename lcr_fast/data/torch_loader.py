@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .folder import FolderIndex
-from .sharding import epoch_indices, stream_seed
+from .sharding import ShardedEpochs
 from .transforms import eval_transform, two_view_transforms
 
 
@@ -49,7 +49,7 @@ class _TwoViews:
         return self.view1(img), self.view2(img)
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` for one rank's shard, on ``device``.
 
     The permutation of an epoch depends only on (seed, epoch), and the augmentation streams are
@@ -58,29 +58,14 @@ class TorchTrainLoader:
 
     def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device,
                  num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1):
-        self.index = index
-        self.classes = index.classes
-        self.batch_size = batch_size
+        super().__init__(index, batch_size, seed, shard_id, num_shards)
         self.device = torch.device(device)
         self.num_workers = num_workers
-        self.seed = seed
-        self.shard_id, self.num_shards = shard_id, num_shards
         self.dataset = _FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
-        self.epoch = 0
-        if len(self) == 0:
-            raise ValueError(
-                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
-            )
-
-    def __len__(self) -> int:
-        return len(self.index) // (self.batch_size * self.num_shards)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        indices = epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.shard_id))
+        indices = self.epoch_indices()
+        generator = torch.Generator().manual_seed(self.epoch_seed())
         # With workers, each worker's RNG derives from this generator; without, the transforms draw
         # from the global RNG, which is therefore seeded from the same (seed, epoch, shard).
         if self.num_workers == 0:
