@@ -70,12 +70,16 @@ def load_pretrained(trunk: ResNetTrunk, arch: str, pretrained: str | None) -> No
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = trunk.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = trunk.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
         raise PretrainedWeightsError(
-            f"pretrained weights do not fit {arch}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"pretrained weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {shapes[:3]}"
         )
+    trunk.load_state_dict(state)
 
 
 def build_backbone(backbone: str, maxpool: bool | None = None, pretrained: str | None = None) -> ResNetTrunk:
