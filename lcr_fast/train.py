@@ -244,7 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["checkpoint"], results["reference_checkpoint"] = ckpt_path, reference_path
         results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=cfg.eval is not False and cfg.eval.retrieval,
                                 progress=show, autocast=amp))
-        results["retrieval_best"] = best_over_epochs(history)
+        # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
+        scored = [h for h in history if "mAP" in h]
+        last = {"epoch": cfg.train.stop_at_epoch - 1, **results.get("retrieval", {})}
+        if scored and scored[-1]["epoch"] != last["epoch"]:
+            scored.append(last)
+        results["retrieval_best"] = best_over_epochs(scored)
         if cfg.logger.matplotlib:
             results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
             results["heatmaps"] = write_heatmaps(model, images, os.path.join(args.log_dir, "heatmaps.png"), titles=titles, maps=maps)
