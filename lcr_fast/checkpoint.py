@@ -19,6 +19,21 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that needs arbitrary code to unpickle."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (unwritable folder, full disk); the previous one is intact."""
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail now, not after hours of training, if checkpoints cannot be written to ``folder``."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoints to {folder!r}: {exc.strerror or exc}") from exc
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -84,7 +99,7 @@ def set_rng_state(state: dict) -> None:
 def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              epoch: int, step: int, config: dict, extra: dict | None = None) -> None:
     """``epoch`` is the next epoch to run and ``step`` the number of optimizer steps taken."""
-    atomic_save({
+    state = {
         "format": "lcr-fast/1",
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -93,7 +108,13 @@ def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, op
         "rng": rng_state(),
         "config": config,
         "extra": extra or {},
-    }, path)
+    }
+    try:
+        atomic_save(state, path)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {os.fspath(path)!r}: {exc.strerror or exc}; the previous checkpoint there, if any, is intact"
+        ) from exc
 
 
 def load_training_checkpoint(path: str | os.PathLike, trust_file: bool = False) -> dict:

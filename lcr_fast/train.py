@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from lcr_fast import engine as eng
-from lcr_fast.checkpoint import UnsafeCheckpointError, load_training_checkpoint, save_training_checkpoint, set_rng_state
+from lcr_fast.checkpoint import (CheckpointWriteError, UnsafeCheckpointError, check_writable, load_training_checkpoint,
+                                 save_training_checkpoint, set_rng_state)
 from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_state_strict
 from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_config
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
@@ -43,6 +44,35 @@ from lcr_fast.optim import build_optimizer, build_schedule
 from lcr_fast.report import plot_curves, write_report
 from lcr_fast.run_log import RunLog
 from lcr_fast.visualize import pick_images, rationale_maps, write_heatmaps
+
+
+LOSS_TERMS = ("loss", "ssl_loss", "rationale_loss")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training stops before writing another checkpoint."""
+
+
+class NonFiniteWatch:
+    """Remembers, on the device and without a host sync, the first step whose loss terms are not all
+    finite; ``check()`` (at log intervals and before every checkpoint) raises naming that step."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.terms = torch.zeros(len(LOSS_TERMS), device=device)
+
+    def update(self, step: int, out: dict) -> None:
+        terms = torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+        new = (~torch.isfinite(terms).all()) & (self.first_step < 0)
+        self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
+        self.terms = torch.where(new, terms, self.terms)
+
+    def check(self) -> None:
+        step = int(self.first_step)
+        if step >= 0:
+            values = ", ".join(f"{k} {v:.4g}" for k, v in zip(LOSS_TERMS, self.terms.tolist()))
+            raise NonFiniteLossError(f"non-finite loss at optimizer step {step} ({values}); training stopped and the "
+                                     "last checkpoint was left as it was")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume train.stop_at_epoch=200`: argparse hands the override to the optional PATH.
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     missing = [name for name in ("data_dir", "log_dir", "ckpt_dir") if getattr(args, name) is None]
     if missing:
         p.error(f"missing {', '.join('--' + m for m in missing)} (or the DATA / LOG / CHECKPOINT environment variables)")
@@ -142,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.model.name == "moco":
         check_queue_size(cfg.model.moco_k, cfg.train.batch_size)
     train_index, test_index = index_splits(args.data_dir, args.debug)
+    if not args.eval_from:
+        check_writable(args.ckpt_dir)
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
     info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
     precision = eng.resolve_precision(cfg.engine.precision, info.device)
@@ -187,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
 
     rates, last_losses = [], {}
+    watch = NonFiniteWatch(info.device)
     for epoch in range(start_epoch, cfg.train.stop_at_epoch):
         model.train()
         train_loader.set_epoch(epoch)
@@ -206,8 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
             engine.step()
             step += 1
             pairs += cfg.train.batch_size
+            watch.update(step, out)
             if step % cfg.engine.log_interval == 0 or step == 1:
-                last_losses = {k: out[k].item() for k in ("loss", "ssl_loss", "rationale_loss")}
+                watch.check()
+                last_losses = {k: out[k].item() for k in LOSS_TERMS}
                 rate = pairs / (time.perf_counter() - tic)
                 if step > 1:  # the first interval holds start-up costs
                     rates.append(rate)
@@ -224,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
             log.log(step, **entry)
             if show:
                 print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+        watch.check()
         if info.is_main:
             save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"history": history})
         eng.barrier()
@@ -262,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 # Errors that mean "your input is wrong": a one-line message instead of a traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError,
+               CheckpointWriteError, NonFiniteLossError)
 
 
 def cli() -> None:

@@ -1,0 +1,36 @@
+"""Failures end in a clear message and leave the last checkpoint as it was."""
+import hashlib
+
+from helpers import write_folder
+from test_train_cli import _config_file, _metrics, _run
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    write_folder(tmp_path / "data", classes=2, per_class=6, size=36)  # 3 steps per epoch
+    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False, "num_epochs": 4})
+    first = _run(tmp_path, "run", cfg_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    last = tmp_path / "run" / "ckpt" / "last.pt"
+    before = _digest(last)
+
+    # A NaN learning rate turns every weight into NaN at the first resumed step; the next loss is NaN.
+    proc = _run(tmp_path, "run", cfg_path, "--resume", "train.stop_at_epoch=2", "train.base_lr=.nan")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: non-finite loss at optimizer step 5 (loss nan, ssl_loss nan, rationale_loss nan)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _digest(last) == before, "the last good checkpoint is untouched"
+    assert max(m["step"] for m in _metrics(tmp_path / "run")) == 4, "nothing is logged past the first bad step"
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
+    write_folder(tmp_path / "data", classes=2, per_class=2)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    bad = _run(tmp_path, "bad", _config_file(tmp_path), "--ckpt_dir", str(blocker / "ckpt"))
+    assert bad.returncode == 2
+    assert f"error: cannot write checkpoints to '{blocker / 'ckpt'}'" in bad.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists(), "no training step ran"
