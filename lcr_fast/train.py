@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
             history.append(entry)
             log.log(step, **entry)
             if show:
-                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+                shown = [f"kNN top-1 {entry['knn_top1']:.2f}%"] if "knn_top1" in entry else []
+                shown += [f"{k} {100 * entry[k]:.2f}" for k in ("rank1", "rank5", "mAP") if k in entry]
+                print(f"epoch {epoch}: " + ", ".join(shown))
         watch.check()
         if info.is_main:
             save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"history": history})
