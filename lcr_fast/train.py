@@ -24,10 +24,12 @@ if __package__ in (None, ""):
 import argparse
 import json
 import random
+import signal
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from lcr_fast import engine as eng
@@ -73,6 +75,26 @@ class NonFiniteWatch:
             values = ", ".join(f"{k} {v:.4g}" for k, v in zip(LOSS_TERMS, self.terms.tolist()))
             raise NonFiniteLossError(f"non-finite loss at optimizer step {step} ({values}); training stopped and the "
                                      "last checkpoint was left as it was")
+
+
+class StopRequest:
+    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next log-interval step with
+    a checkpoint it can resume from exactly; the check rides on the host sync logging already does."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, _frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank received a signal; a collective, called at the same steps on all ranks."""
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,6 +192,17 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def stop_with_checkpoint(path: str, model, optimizer, epoch: int, step: int, cfg: Config, history: list, epoch_step: int,
+                         info: eng.DistInfo, written: bool = False) -> dict:
+    """Write (unless the epoch's own checkpoint just was) a checkpoint ``epoch_step`` steps into ``epoch`` and stop."""
+    if info.is_main and not written:
+        save_training_checkpoint(path, model, optimizer, epoch, step, cfg.to_dict(), {"history": history, "epoch_step": epoch_step})
+    eng.barrier()
+    if info.is_main:
+        print(f"stopped on a signal after optimizer step {step}; checkpoint {path} written. Continue with --resume.")
+    return {"stopped_at_step": step, "checkpoint": path}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
@@ -199,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(cfg).to(info.device)
     optimizer = build_optimizer(cfg, model)
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, epoch_step, history = 0, 0, 0, []
     ckpt_path = os.path.join(args.ckpt_dir, "last.pt")
     if args.resume:
         resume_path = ckpt_path if args.resume == "auto" else args.resume
@@ -207,9 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
         load_state_strict(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("history", [])
+        epoch_step = ckpt["extra"].get("epoch_step", 0)
         set_rng_state(ckpt["rng"])
         if info.is_main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}" + (f" ({epoch_step} into the epoch)" if epoch_step else ""))
     if cfg.model.name == "moco":
         model.broadcast_queue()
     engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size)
@@ -223,11 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
 
     rates, last_losses = [], {}
-    watch = NonFiniteWatch(info.device)
+    watch, stop, stopped = NonFiniteWatch(info.device), StopRequest(), None
     for epoch in range(start_epoch, cfg.train.stop_at_epoch):
         model.train()
-        train_loader.set_epoch(epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.train.num_epochs}", disable=not show)
+        done_in_epoch = epoch_step if epoch == start_epoch else 0
+        train_loader.set_epoch(epoch, done_in_epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.train.num_epochs}", total=len(train_loader), initial=done_in_epoch,
+                   disable=not show)
         tic, pairs = time.perf_counter(), 0
         for view1, view2, _ in bar:
             lr = schedule.apply(optimizer, step)
@@ -242,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.backward(objective)
             engine.step()
             step += 1
+            done_in_epoch += 1
             pairs += cfg.train.batch_size
             watch.update(step, out)
             if step % cfg.engine.log_interval == 0 or step == 1:
@@ -253,6 +290,11 @@ def main(argv: list[str] | None = None) -> dict:
                 log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, **last_losses)
                 bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
+                if done_in_epoch < len(train_loader) and stop.agreed(info.device):
+                    stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
+                    break
+        if stopped:
+            break
 
         knn_due = cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0
         retrieval_due = bool(cfg.train.retrieval_interval) and epoch % cfg.train.retrieval_interval == 0
@@ -269,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict:
         if info.is_main:
             save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"history": history})
         eng.barrier()
+        if epoch + 1 < cfg.train.stop_at_epoch and stop.agreed(info.device):
+            stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg, history, 0, info, written=True)
+            break
+    if stopped:
+        log.close()
+        return stopped
 
     results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "history": history,
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,

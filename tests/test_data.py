@@ -87,3 +87,21 @@ def test_eval_loader_keeps_file_order_and_last_partial_batch(tmp_path):
     images = torch.cat([img for img, _ in loader])
     assert images.shape == (6, 3, 32, 32)
     torch.testing.assert_close(images, torch.cat([img for img, _ in loader]))
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_gives_the_rest_of_the_same_epoch(tmp_path, backend, workers):
+    write_folder(tmp_path, classes=2, per_class=6, size=40)
+    loader = build_train_loader(tmp_path, "byol", batch_size=3, image_size=32, backend=backend, device="cpu",
+                                num_threads=workers, seed=5)
+    loader.set_epoch(2)
+    whole = list(loader)
+    loader.set_epoch(2, start_step=2)
+    rest = list(loader)
+    assert len(whole) == 4 and len(rest) == 2
+    for a, b in zip(whole[2:], rest):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="outside the epoch"):
+        loader.set_epoch(2, start_step=5)

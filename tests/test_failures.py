@@ -34,3 +34,34 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
     assert bad.returncode == 2
     assert f"error: cannot write checkpoints to '{blocker / 'ckpt'}'" in bad.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists(), "no training step ran"
+
+
+def test_sigterm_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path):
+    import signal
+    import time
+
+    write_folder(tmp_path / "data", classes=2, per_class=24, size=36)  # 12 steps per epoch
+    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 2, "knn_monitor": False})
+    full = _run(tmp_path, "full", cfg_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+    expected = {m["step"]: m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m}
+
+    proc = _run(tmp_path, "pre", cfg_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "pre" / "metrics.jsonl").exists() and any(m["step"] >= 3 for m in _metrics(tmp_path / "pre")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "stopped on a signal after optimizer step" in output
+    stopped_at = max(m["step"] for m in _metrics(tmp_path / "pre"))
+    assert 3 <= stopped_at < 24
+
+    resumed = _run(tmp_path, "pre", cfg_path, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = [m for m in _metrics(tmp_path / "pre") if "loss" in m and m["step"] > stopped_at]
+    assert after[0]["step"] == stopped_at + 1 and after[-1]["step"] == 24
+    for m in after:
+        assert m["loss"] == expected[m["step"]], m["step"]

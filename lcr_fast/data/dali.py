@@ -369,14 +369,15 @@ class _Runner:
             views.append(view)
         return views + [labels]
 
-    def run(self, batches: Sequence[Sequence[int]], params: Callable[[int, np.ndarray], list]) -> Iterator[list[torch.Tensor]]:
-        """One epoch: the outputs of ``batches`` (lists of sample indices) in order.
+    def run(self, batches: Sequence[Sequence[int]], params: Callable[[int, np.ndarray], list],
+            start: int = 0) -> Iterator[list[torch.Tensor]]:
+        """One epoch from batch ``start`` on: the outputs of ``batches`` (lists of sample indices) in order.
 
         The pipeline goes back to ``self._idle`` only after a complete epoch: one abandoned half-way
         may still hold queued batches, so it is dropped and the next epoch builds a fresh one.
         """
         pipe, self._idle = self._idle, None
-        done = 0
+        done = start
         while True:
             self._pending = (self._batch(s, batches[s], params) for s in range(done, len(batches)))
             pipe = pipe or self._build()
@@ -423,7 +424,7 @@ class DaliTrainLoader(ShardedEpochs):
             rng = np.random.default_rng([seed, step])
             return [p for spec in self.views for p in view_params(spec, sizes, self.image_size, rng)]
 
-        for view1, view2, labels in self._runner.run(batches, params):
+        for view1, view2, labels in self._runner.run(batches, params, self.start_step):
             yield view1, view2, labels
 
 

@@ -11,6 +11,11 @@ def stream_seed(seed: int, epoch: int, shard_id: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + shard_id) % (2**62)
 
 
+def sample_seed(epoch_seed: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` of a rank's epoch."""
+    return (epoch_seed * 1_000_003 + position) % (2**62)
+
+
 def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> list[int]:
     """This rank's sample indices for ``epoch``, in batch order.
 
@@ -33,8 +38,10 @@ def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shar
 class ShardedEpochs:
     """What both training loaders share: one rank's shard of ``index``, epoch by epoch.
 
-    ``len()`` is the steps per epoch (equal on every rank), ``set_epoch(e)`` selects the epoch whose
-    batches ``epoch_indices()`` returns and whose augmentation stream ``epoch_seed()`` seeds.
+    ``len()`` is the steps per epoch (equal on every rank), ``set_epoch(e, start_step)`` selects the
+    epoch whose batches ``epoch_indices()`` returns and whose augmentation stream ``epoch_seed()``
+    seeds; iteration then begins at batch ``start_step`` (a run resumed mid-epoch), with the same
+    batches and augmentations as the uninterrupted epoch from there on.
     """
 
     def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int):
@@ -44,7 +51,7 @@ class ShardedEpochs:
         self.classes = index.classes
         self.batch_size, self.seed = batch_size, seed
         self.shard_id, self.num_shards = shard_id, num_shards
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
         if len(self) == 0:
             raise ValueError(
                 f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
@@ -53,8 +60,10 @@ class ShardedEpochs:
     def __len__(self) -> int:
         return len(self.index) // (self.batch_size * self.num_shards)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step {start_step} is outside the epoch's {len(self)} steps")
+        self.epoch, self.start_step = epoch, start_step
 
     def epoch_indices(self) -> list[int]:
         return epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .folder import FolderIndex
-from .sharding import ShardedEpochs
+from .sharding import ShardedEpochs, sample_seed
 from .transforms import eval_transform, two_view_transforms
 
 
@@ -29,7 +29,9 @@ class _FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item`` is a sample index, or (index, seed) to draw the augmentation from its own seed."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         for offset in range(len(self.index.samples)):
             path, label = self.index.samples[(i + offset) % len(self.index.samples)]
             try:
@@ -37,7 +39,12 @@ class _FolderDataset(Dataset):
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc}")
                 continue
-            return self.transform(img), label
+            if seed is None:
+                return self.transform(img), label
+            # torchvision draws from the global RNG: fork it so the caller's stream is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(img), label
         raise RuntimeError("no readable image left in the dataset")
 
 
@@ -52,8 +59,8 @@ class _TwoViews:
 class TorchTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` for one rank's shard, on ``device``.
 
-    The permutation of an epoch depends only on (seed, epoch), and the augmentation streams are
-    seeded from the same pair, so ``set_epoch(e)`` after a restart reproduces epoch e exactly.
+    The permutation of an epoch depends only on (seed, epoch) and each sample's augmentation on its
+    seed and position, so ``set_epoch(e, s)`` after a restart reproduces epoch e from step s exactly.
     """
 
     def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device,
@@ -64,20 +71,18 @@ class TorchTrainLoader(ShardedEpochs):
         self.dataset = _FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        indices = self.epoch_indices()
-        generator = torch.Generator().manual_seed(self.epoch_seed())
-        # With workers, each worker's RNG derives from this generator; without, the transforms draw
-        # from the global RNG, which is therefore seeded from the same (seed, epoch, shard).
-        if self.num_workers == 0:
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        # Each sample's augmentation has its own seed (epoch, position), so the batches from any
+        # start step on equal those of the whole epoch, with or without worker processes.
+        indices, epoch_seed = self.epoch_indices(), self.epoch_seed()
+        first = self.start_step * self.batch_size
+        items = [(indices[p], sample_seed(epoch_seed, p)) for p in range(first, len(indices))]
         loader = DataLoader(
-            torch.utils.data.Subset(self.dataset, indices),
+            torch.utils.data.Subset(self.dataset, items),
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            generator=generator,
             persistent_workers=False,
         )
         for (view1, view2), labels in loader:
