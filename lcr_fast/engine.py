@@ -11,6 +11,10 @@ import torch
 import torch.distributed as dist
 
 
+class ProcessGroupError(RuntimeError):
+    """The ranks could not form their process group (port in use, unreachable master, timeout)."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -48,8 +52,16 @@ def init_distributed(timeout_s: int = 600, local_rank: int | None = None) -> Dis
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       timeout=timedelta(seconds=timeout_s), verbose=False)
+        except (RuntimeError, OSError) as exc:  # torch raises DistNetworkError / DistStoreError, both RuntimeErrors
+            address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise ProcessGroupError(
+                f"cannot form the process group at {address} (rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
+                f"{str(exc).splitlines()[0]}. Is another run using that port? Pick a free one with --master_port "
+                f"(deepspeed) or MASTER_PORT."
+            ) from exc
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 # Errors that mean "your input is wrong": a one-line message instead of a traceback.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError,
-               CheckpointWriteError, NonFiniteLossError)
+               CheckpointWriteError, NonFiniteLossError, eng.ProcessGroupError)
 
 
 def cli() -> None:

@@ -65,3 +65,35 @@ def test_sigterm_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path):
     assert after[0]["step"] == stopped_at + 1 and after[-1]["step"] == 24
     for m in after:
         assert m["loss"] == expected[m["step"]], m["step"]
+
+
+WRITER = """
+import sys, torch
+from lcr_fast.checkpoint import atomic_save
+n = 0
+while True:
+    n += 1
+    atomic_save({"n": n, "weights": torch.full((4_000_000,), float(n))}, sys.argv[1])
+    print(n, flush=True)
+"""
+
+
+def test_killing_a_writer_never_leaves_a_torn_checkpoint(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    path = tmp_path / "ckpt.pt"
+    rng = random.Random(0)
+    for _ in range(4):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()  # one complete checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.3))  # then die somewhere inside a later write
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        saved = torch.load(path, weights_only=True)
+        assert saved["n"] >= 1 and torch.equal(saved["weights"], torch.full((4_000_000,), float(saved["n"])))
