@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
         "log_interval": 10,  # optimizer steps between host syncs for logging
         "deterministic": False,
         "dist_timeout_s": 600,
+        # stop: a non-finite loss ends the run (the last checkpoint kept); skip: such a step is left out and
+        # counted, at the price of one host sync per step
+        "on_nonfinite": "stop",
     },
     "kernels": {"backend": "auto"},  # auto | triton | torch; the LCR_KERNELS environment variable wins
     "fixes": {
@@ -178,7 +181,10 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict 
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:  # includes tags that would construct Python objects
+                raise ConfigError(f"config file {path!r} is not plain YAML: {str(exc).splitlines()[0]}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
         _merge(cfg, data, DEFAULTS, path)
@@ -203,6 +209,7 @@ def validate(cfg: dict) -> None:
     _choice(cfg["data"]["recipe"], "data.recipe", (None, "byol", "mocov2"))
     _choice(cfg["engine"]["precision"], "engine.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg["engine"]["zero_stage"], "engine.zero_stage", (0, 1, 2, 3))
+    _choice(cfg["engine"]["on_nonfinite"], "engine.on_nonfinite", ("stop", "skip"))
     _choice(cfg["kernels"]["backend"], "kernels.backend", ("auto", "triton", "torch"))
     _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd"))
     _choice(cfg["train"]["schedule"], "train.schedule", ("warmup_cosine", "cosine_epoch"))

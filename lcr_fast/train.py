@@ -77,6 +77,14 @@ class NonFiniteWatch:
                                      "last checkpoint was left as it was")
 
 
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (a host sync; only engine.on_nonfinite=skip pays it)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 class StopRequest:
     """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next log-interval step with
     a checkpoint it can resume from exactly; the check rides on the host sync logging already does."""
@@ -178,7 +186,7 @@ def best_over_epochs(history: list[dict]) -> dict:
 
 
 def format_results(results: dict) -> str:
-    lines = []
+    lines = [f"skipped {results['skipped_steps']} step(s) with a non-finite loss"] if results.get("skipped_steps") else []
     for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
         if key in results:
             r = results[key]
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
 
     rates, last_losses = [], {}
-    watch, stop, stopped = NonFiniteWatch(info.device), StopRequest(), None
+    watch, stop, stopped, skipped = NonFiniteWatch(info.device), StopRequest(), None, 0
     for epoch in range(start_epoch, cfg.train.stop_at_epoch):
         model.train()
         done_in_epoch = epoch_step if epoch == start_epoch else 0
@@ -275,19 +283,25 @@ def main(argv: list[str] | None = None) -> dict:
             # DeepSpeed averages gradients over ranks; the reference's KL is a sum over the whole batch,
             # so each rank's KL counts world_size times for its gradient to stay that global sum.
             objective = out["ssl_loss"] + model.rationale_weight * info.world_size * out["rationale_loss"]
+            if cfg.engine.on_nonfinite == "skip" and not all_finite(objective):
+                # The batch is consumed but no optimizer step is taken (the EMA step above stays).
+                skipped += 1
+                done_in_epoch += 1
+                continue
             engine.backward(objective)
             engine.step()
             step += 1
             done_in_epoch += 1
             pairs += cfg.train.batch_size
-            watch.update(step, out)
+            if cfg.engine.on_nonfinite == "stop":
+                watch.update(step, out)
             if step % cfg.engine.log_interval == 0 or step == 1:
                 watch.check()
                 last_losses = {k: out[k].item() for k in LOSS_TERMS}
                 rate = pairs / (time.perf_counter() - tic)
                 if step > 1:  # the first interval holds start-up costs
                     rates.append(rate)
-                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, **last_losses)
+                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, skipped_steps=skipped, **last_losses)
                 bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
                 if done_in_epoch < len(train_loader) and stop.agreed(info.device):
@@ -320,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "history": history,
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,
+                     "skipped_steps": skipped,
                      "config": cfg.to_dict()}
     if cfg.logger.matplotlib:
         # On every rank: MoCo's forward gathers keys across ranks, so all of them must run it.

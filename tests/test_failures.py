@@ -1,6 +1,8 @@
 """Failures end in a clear message and leave the last checkpoint as it was."""
 import hashlib
 
+import pytest
+
 from helpers import write_folder
 from test_train_cli import _config_file, _metrics, _run
 
@@ -97,3 +99,27 @@ def test_killing_a_writer_never_leaves_a_torn_checkpoint(tmp_path):
         writer.wait()
         saved = torch.load(path, weights_only=True)
         assert saved["n"] >= 1 and torch.equal(saved["weights"], torch.full((4_000_000,), float(saved["n"])))
+
+
+def test_skip_mode_leaves_out_non_finite_steps_and_counts_them(tmp_path):
+    import json
+
+    write_folder(tmp_path / "data", classes=2, per_class=6, size=36)  # 3 steps per epoch
+    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False}, engine={"on_nonfinite": "skip"})
+    # The first step runs at a NaN rate, so every later loss is NaN: those steps are skipped, not fatal.
+    proc = _run(tmp_path, "run", cfg_path, "train.base_lr=.nan")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped 2 step(s) with a non-finite loss" in proc.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["skipped_steps"] == 2 and results["steps"] == 1
+
+
+def test_yaml_that_would_build_python_objects_is_refused(tmp_path, monkeypatch):
+    from lcr_fast.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("train: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="is not plain YAML"):
+        load_config(evil)
+    assert not (tmp_path / "pwned").exists()
