@@ -5,11 +5,14 @@ position (epoch, step), every RNG state and the final config, so ``--resume`` co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
+import socket
 import tempfile
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +24,57 @@ class UnsafeCheckpointError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (unwritable folder, full disk); the previous one is intact."""
+
+
+class CheckpointLockError(RuntimeError):
+    """Another live run writes checkpoints to the same folder."""
+
+
+LOCK_NAME = ".lcr-fast.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[str]:
+    """Hold ``folder/.lcr-fast.lock`` for the run, so two runs cannot overwrite each other's checkpoints.
+
+    A lock left by a process of this host that no longer exists (a run killed with -9) is stale: it is
+    removed with a warning. A live holder, or one on another host, is an error naming it.
+    """
+    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as f:
+                pid_text, _, host = f.read().strip().partition(" ")
+            pid = int(pid_text) if pid_text.isdigit() else -1
+            if host == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+                warnings.warn(f"removing a stale lock {path} left by process {pid}, which no longer runs")
+                os.unlink(path)
+                continue
+            raise CheckpointLockError(
+                f"checkpoint folder {os.fspath(folder)!r} is in use by another run (process {pid_text} on {host or '?'}); "
+                f"use another --ckpt_dir, or delete {path} if that run is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def check_writable(folder: str | os.PathLike) -> None:

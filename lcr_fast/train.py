@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import json
+import contextlib
 import random
 import signal
 import time
@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lcr_fast import engine as eng
-from lcr_fast.checkpoint import (CheckpointWriteError, UnsafeCheckpointError, check_writable, load_training_checkpoint,
-                                 save_training_checkpoint, set_rng_state)
+from lcr_fast.checkpoint import (CheckpointLockError, CheckpointWriteError, UnsafeCheckpointError, check_writable,
+                                 load_training_checkpoint, run_lock, save_training_checkpoint, set_rng_state)
 from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_state_strict
 from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_config
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
@@ -238,6 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(format_results(results))
         return results
 
+    # Rank 0 holds the checkpoint folder's lock for the run; a second run on the same folder stops here.
+    with run_lock(args.ckpt_dir) if info.is_main else contextlib.nullcontext():
+        return train(args, cfg, info, train_loader, memory_loader, test_loader, test_index, knn_k, amp, show)
+
+
+def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loader, memory_loader, test_loader, test_index,
+          knn_k: int, amp, show: bool) -> dict:
+    """The training run proper: model, engine, the step loop, checkpoints, the final evaluation and report."""
     model = build_model(cfg).to(info.device)
     optimizer = build_optimizer(cfg, model)
     start_epoch, step, epoch_step, history = 0, 0, 0, []
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 # Errors that mean "your input is wrong": a one-line message instead of a traceback.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError,
-               CheckpointWriteError, NonFiniteLossError, eng.ProcessGroupError)
+               CheckpointWriteError, CheckpointLockError, NonFiniteLossError, eng.ProcessGroupError)
 
 
 def cli() -> None:

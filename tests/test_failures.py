@@ -123,3 +123,28 @@ def test_yaml_that_would_build_python_objects_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="is not plain YAML"):
         load_config(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_folder_lock_live_holder_and_stale_lock(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    write_folder(tmp_path / "data", classes=2, per_class=2)
+    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False})
+    lock = tmp_path / "run" / "ckpt" / ".lcr-fast.lock"
+    lock.parent.mkdir(parents=True)
+
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run holds the folder
+    busy = _run(tmp_path, "run", cfg_path)
+    assert busy.returncode == 2
+    assert f"is in use by another run (process {os.getpid()} on {socket.gethostname()})" in busy.stderr
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid} {socket.gethostname()}")  # left by a run killed with -9
+    proc = _run(tmp_path, "run", cfg_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"removing a stale lock {lock} left by process {gone.pid}" in proc.stderr
+    assert not lock.exists(), "released at the end of the run"
