@@ -86,8 +86,9 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 class StopRequest:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next log-interval step with
-    a checkpoint it can resume from exactly; the check rides on the host sync logging already does."""
+    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at a step boundary with a checkpoint
+    it can resume from exactly: the next step in one process; with several ranks the next log-interval
+    step, whose host sync the agreement rides on."""
 
     def __init__(self):
         self.received: int | None = None
@@ -98,10 +99,12 @@ class StopRequest:
         self.received = signum
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a signal; a collective, called at the same steps on all ranks."""
+        """True on every rank when any rank received a signal. With several ranks it is a collective,
+        called at the same steps on all of them; alone it costs nothing."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received is not None
         flag = torch.tensor([float(self.received is not None)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -303,7 +306,8 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
             pairs += cfg.train.batch_size
             if cfg.engine.on_nonfinite == "stop":
                 watch.update(step, out)
-            if step % cfg.engine.log_interval == 0 or step == 1:
+            log_step = step % cfg.engine.log_interval == 0 or step == 1
+            if log_step:
                 watch.check()
                 last_losses = {k: out[k].item() for k in LOSS_TERMS}
                 rate = pairs / (time.perf_counter() - tic)
@@ -312,9 +316,10 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
                 log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, skipped_steps=skipped, **last_losses)
                 bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
-                if done_in_epoch < len(train_loader) and stop.agreed(info.device):
-                    stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
-                    break
+            if (log_step or info.world_size == 1) and done_in_epoch < len(train_loader) and stop.agreed(info.device):
+                watch.check()
+                stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
+                break
         if stopped:
             break
 

@@ -38,7 +38,8 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists(), "no training step ran"
 
 
-def test_sigterm_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, signum):
     import signal
     import time
 
@@ -54,7 +55,7 @@ def test_sigterm_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path):
         if (tmp_path / "pre" / "metrics.jsonl").exists() and any(m["step"] >= 3 for m in _metrics(tmp_path / "pre")):
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signum))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert "stopped on a signal after optimizer step" in output
@@ -148,3 +149,27 @@ def test_checkpoint_folder_lock_live_holder_and_stale_lock(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"removing a stale lock {lock} left by process {gone.pid}" in proc.stderr
     assert not lock.exists(), "released at the end of the run"
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from lcr_fast.checkpoint import CheckpointWriteError, save_training_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "last.pt"
+    save_training_checkpoint(path, model, optimizer, 1, 4, {"name": "x"})
+    before = _digest(path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"the first bytes fit")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint there, if any, is intact"):
+        save_training_checkpoint(path, model, optimizer, 2, 8, {"name": "x"})
+    assert _digest(path) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file is left behind"
