@@ -1,0 +1,101 @@
+"""Run every benchmark, then write one JSON of their figures and a PNG chart of the speed-ups.
+
+    python benchmarks/run.py                       # CPU defaults of each benchmark
+    python benchmarks/run.py --out bench_results   # folder for results.json and speedups.png
+
+Each benchmark runs as its own process with ``--json``; one that fails is recorded with its error
+and the others still run. The kernel benchmark needs CUDA and says so (exit 0) elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = {
+    "step": ["step_bench.py"],
+    "data": ["data_bench.py", "--repeats", "3"],
+    "retrieval": ["retrieval_bench.py"],
+    "kernels": ["kernel_bench.py"],
+}
+
+KERNEL_MODE = "fwd+bwd"  # the kernel rows the chart shows (forward and backward together)
+
+
+def _speedups(results: dict) -> dict[str, float]:
+    """The ours-over-reference ratios the chart shows, by label."""
+    out = {}
+    step = results.get("step", {}).get("figures", {})
+    if "speedup" in step:
+        out["training step"] = step["speedup"]
+    data = results.get("data", {}).get("figures", {})
+    for key, label in (("dali_cpu_speedup", "data (DALI CPU)"), ("dali_mixed_speedup", "data (DALI mixed)")):
+        if key in data:
+            out[label] = data[key]
+    retrieval = results.get("retrieval", {}).get("figures", {})
+    if "speedup" in retrieval:
+        out["retrieval"] = retrieval["speedup"]
+    for row in results.get("kernels", {}).get("figures", {}).get("rows", []):
+        if row.get("mode") == KERNEL_MODE:
+            out[f"kernel {row['op']}"] = row["speedup"]
+    return out
+
+
+def _chart(speedups: dict[str, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = list(speedups), list(speedups.values())
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
+    bars = ax.barh(labels, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], padding=3)
+    ax.set_xlabel("lcr-fast / reference (higher is faster)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_results", help="folder for results.json and speedups.png")
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these benchmarks")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for name, argv in BENCHMARKS.items():
+        if args.only and name not in args.only:
+            continue
+        json_path = os.path.join(args.out, f"{name}.json")
+        print(f"== {name} ==", flush=True)
+        tic = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:], "--json", json_path],
+                              capture_output=True, text=True)
+        print(proc.stdout[-3000:], flush=True)
+        entry = {"seconds": round(time.perf_counter() - tic, 1), "returncode": proc.returncode}
+        if proc.returncode:
+            entry["error"] = proc.stderr[-2000:]
+        if os.path.exists(json_path):
+            with open(json_path) as f:
+                entry["figures"] = json.load(f)
+        results[name] = entry
+    speedups = _speedups(results)
+    results["speedups"] = speedups
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if speedups:
+        _chart(speedups, os.path.join(args.out, "speedups.png"))
+    print(f"results in {args.out}/results.json" + (f" and {args.out}/speedups.png" if speedups else ""))
+    if any(entry.get("returncode") for entry in results.values() if isinstance(entry, dict) and "returncode" in entry):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
