@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import REPO, write_folder
-from test_train_cli import _config_file, _metrics
+from test_train_cli import _config_file, _wait_for_logged
 
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
@@ -40,13 +40,7 @@ def test_a_dead_rank_ends_the_other_within_a_minute(tmp_path):
                              "--ckpt_dir", str(tmp_path / "run" / "ckpt"), "--hide_progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and any(m["step"] >= 2 for m in _metrics(tmp_path / "run")):
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before a rank could be killed"
+        _wait_for_logged(proc, tmp_path / "run", lambda m: m["step"] >= 2)
         ranks = subprocess.run(["pgrep", "-f", f"local_rank=1 -c {cfg}"], capture_output=True, text=True).stdout.split()
         assert ranks, "rank 1 not found"
         os.kill(int(ranks[0]), signal.SIGKILL)

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from helpers import write_folder
-from test_train_cli import _config_file, _metrics, _run
+from test_train_cli import _config_file, _metrics, _run, _wait_for_logged
 
 
 def _digest(path):
@@ -41,7 +41,6 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, signum):
     import signal
-    import time
 
     write_folder(tmp_path / "data", classes=2, per_class=24, size=36)  # 12 steps per epoch
     cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 2, "knn_monitor": False})
@@ -50,11 +49,7 @@ def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, s
     expected = {m["step"]: m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m}
 
     proc = _run(tmp_path, "pre", cfg_path, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "pre" / "metrics.jsonl").exists() and any(m["step"] >= 3 for m in _metrics(tmp_path / "pre")):
-            break
-        time.sleep(0.05)
+    _wait_for_logged(proc, tmp_path / "pre", lambda m: m["step"] >= 3)
     proc.send_signal(getattr(signal, signum))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output

@@ -40,6 +40,16 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _wait_for_logged(proc, run_dir, predicate, timeout=300):
+    """Wait until the running ``proc`` has logged a metrics line matching ``predicate``; fail if it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and any(predicate(m) for m in _metrics(run_dir)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the awaited step was logged"
+
+
 def test_train_writes_results_and_checkpoints_that_reload(tmp_path):
     write_folder(tmp_path / "data", classes=3, per_class=4, size=40)
     cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 2, "knn_interval": 1}, seed=None)
@@ -81,13 +91,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     expected = {m["step"]: m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m}
 
     proc = _run(tmp_path, "killed", cfg_path, wait=False)
-    deadline = time.time() + 300
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(m.get("epoch") == 1 for m in _metrics(tmp_path / "killed")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed mid-epoch"
+    _wait_for_logged(proc, tmp_path / "killed", lambda m: m.get("epoch") == 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = max(m["step"] for m in _metrics(tmp_path / "killed"))
