@@ -177,3 +177,47 @@ def test_too_few_images_for_a_batch(folder):
     index = scan_split(folder, "train")
     with pytest.raises(ValueError, match="cannot fill one batch"):
         DaliTrainLoader(index, "byol", 16, S, "cpu", 2, seed=0, num_shards=2)
+
+
+def test_decode_window_holds_every_crop_and_flips_reverse_the_box():
+    from lcr_fast.data.dali import RECIPE_VIEWS, batch_params
+
+    sizes = np.array([[375, 500], [96, 40], [33, 97]] * 40)
+    params = batch_params(RECIPE_VIEWS["byol"], sizes, 224, np.random.default_rng(0))
+    lo, shape = params[0], params[1]
+    assert (lo >= 0).all() and (lo + shape <= sizes).all() and (shape > 0).all()
+    views = RECIPE_VIEWS["byol"]
+    first = 2
+    flipped = []
+    for spec in views:
+        start, end = params[first], params[first + 1]
+        # Relative to the window, every corner lies inside it.
+        for corner in (start, end):
+            assert (corner >= 0).all() and (corner <= shape).all()
+        # y never reversed; x reversed for about half the samples (the flip, p = .5).
+        assert (end[:, 0] > start[:, 0]).all()
+        flipped.append(end[:, 1] < start[:, 1])
+        first += 2 + 3 * spec.colour + 3 * bool(spec.blur_p) + bool(spec.solarize_p)
+    assert first == len(params)
+    for f in flipped:
+        assert 40 <= f.sum() <= 80  # binomial(120, .5): 6 sigma either side
+
+
+def test_flip_mirrors_the_crop(one_per_class):
+    """The reversed box is an exact horizontal mirror of the unreversed one."""
+    from lcr_fast.data.dali import EVAL_VIEW, _Runner, batch_params
+
+    index = scan_split(one_per_class, "train")
+    runner = _Runner(index, (EVAL_VIEW,), 4, S, "cpu", num_threads=1)
+
+    def params(flip):
+        def make(step, sizes):
+            p = batch_params((EVAL_VIEW,), sizes, S, None)
+            if flip:
+                p[2][:, 1], p[3][:, 1] = p[3][:, 1], p[2][:, 1].copy()
+            return p
+        return make
+
+    plain = next(runner.run([[0, 1, 2, 3]], params(False)))[0]
+    mirrored = next(_Runner(index, (EVAL_VIEW,), 4, S, "cpu", num_threads=1).run([[0, 1, 2, 3]], params(True)))[0]
+    torch.testing.assert_close(mirrored, plain.flip(-1), rtol=0, atol=1e-6)
