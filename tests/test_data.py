@@ -105,3 +105,23 @@ def test_resuming_mid_epoch_gives_the_rest_of_the_same_epoch(tmp_path, backend, 
             assert torch.equal(x, y)
     with pytest.raises(ValueError, match="outside the epoch"):
         loader.set_epoch(2, start_step=5)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_two_ranks_read_what_one_rank_accumulating_two_micro_batches_reads(tmp_path, backend):
+    """Same global batch and micro-batch size: the same images with the same augmentations, so a run
+    can move between numbers of ranks (and gradient accumulation) without changing its data."""
+    write_folder(tmp_path, classes=3, per_class=6, size=40)
+    common = dict(recipe="byol", batch_size=3, image_size=32, backend=backend, device="cpu", num_threads=0, seed=5)
+    ranks = [build_train_loader(tmp_path, shard_id=r, num_shards=2, **common) for r in range(2)]
+    single = build_train_loader(tmp_path, micro_batches=2, **common)
+    assert len(single) == 2 * len(ranks[0]) == 6
+    for epoch in (0, 1):
+        for loader in ranks + [single]:
+            loader.set_epoch(epoch)
+        rank_batches = [list(loader) for loader in ranks]
+        single_batches = list(single)
+        for step in range(len(ranks[0])):
+            for r in range(2):
+                for a, b in zip(rank_batches[r][step], single_batches[2 * step + r]):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)

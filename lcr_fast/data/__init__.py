@@ -31,16 +31,18 @@ def resolve_backend(backend: str) -> str:
 
 def build_train_loader(data_dir: str | os.PathLike, recipe: str, batch_size: int, image_size: int, backend: str,
                        device: torch.device | str, num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1,
-                       index: FolderIndex | None = None):
-    """Two-view training batches ``(view1, view2, labels)`` of one rank's shard of ``data_dir/train``."""
+                       index: FolderIndex | None = None, micro_batches: int = 1):
+    """Two-view training batches ``(view1, view2, labels)`` of one rank's shard of ``data_dir/train``;
+    ``micro_batches`` batches of ``batch_size`` make one optimizer step (gradient accumulation)."""
     index = index or scan_split(data_dir, "train")
     backend = resolve_backend(backend)
     if backend == "dali":
         from .dali import DaliTrainLoader
 
         # num_threads 0 means "no worker processes" to torchvision; DALI always needs a thread.
-        return DaliTrainLoader(index, recipe, batch_size, image_size, device, max(1, num_threads), seed, shard_id, num_shards)
-    return TorchTrainLoader(index, recipe, batch_size, image_size, device, num_threads, seed, shard_id, num_shards)
+        return DaliTrainLoader(index, recipe, batch_size, image_size, device, max(1, num_threads), seed, shard_id, num_shards,
+                               micro_batches)
+    return TorchTrainLoader(index, recipe, batch_size, image_size, device, num_threads, seed, shard_id, num_shards, micro_batches)
 
 
 def build_eval_loader(data_dir: str | os.PathLike, split: str, batch_size: int, image_size: int, backend: str,

@@ -424,27 +424,28 @@ class DaliTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` of one rank's shard, on ``device``.
 
     Reads exactly the batches of ``epoch_indices`` (as the torchvision loader), with augmentation
-    parameters drawn from ``stream_seed(seed, epoch, shard_id)`` and the step, so ``set_epoch(e)``
+    parameters drawn from ``stream_seed(seed, epoch)`` and the batch's slots, so ``set_epoch(e)``
     on a fresh loader reproduces epoch e.
     """
 
     def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device | str,
-                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1):
+                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1):
         if recipe not in RECIPE_VIEWS:
             raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {tuple(RECIPE_VIEWS)}")
-        super().__init__(index, batch_size, seed, shard_id, num_shards)
+        super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
         self.views = RECIPE_VIEWS[recipe]
         self.image_size = image_size
         self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        indices = self.epoch_indices()
+        indices, slots = self.epoch_indices(), self.epoch_slots()
         batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # DALI asks for batches ahead of time: the epoch's seed is fixed here, not read at feed time.
         seed = self.epoch_seed()
 
         def params(step: int, sizes: np.ndarray) -> list:
-            rng = np.random.default_rng([seed, step])
+            # Drawn per block of batch_size slots: the same block gets the same draws on any number of ranks.
+            rng = np.random.default_rng([seed, slots[step * self.batch_size] // self.batch_size])
             return batch_params(self.views, sizes, self.image_size, rng)
 
         for view1, view2, labels in self._runner.run(batches, params, self.start_step):

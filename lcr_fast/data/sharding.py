@@ -6,14 +6,14 @@ import torch
 from .folder import FolderIndex
 
 
-def stream_seed(seed: int, epoch: int, shard_id: int = 0) -> int:
-    """A distinct, reproducible seed for one rank's epoch (augmentation streams, shuffles)."""
-    return (seed * 1_000_003 + epoch * 10_007 + shard_id) % (2**62)
+def stream_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible seed for an epoch (shuffles, augmentation streams)."""
+    return (seed * 1_000_003 + epoch * 10_007) % (2**62)
 
 
-def sample_seed(epoch_seed: int, position: int) -> int:
-    """The augmentation seed of the sample at ``position`` of a rank's epoch."""
-    return (epoch_seed * 1_000_003 + position) % (2**62)
+def sample_seed(epoch_seed: int, slot: int) -> int:
+    """The augmentation seed of the sample in permutation ``slot`` of an epoch."""
+    return (epoch_seed * 1_000_003 + slot) % (2**62)
 
 
 def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> list[int]:
@@ -36,37 +36,58 @@ def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shar
 
 
 class ShardedEpochs:
-    """What both training loaders share: one rank's shard of ``index``, epoch by epoch.
+    """What both training loaders share: one rank's shard of ``index``, epoch by epoch, in micro-batches.
 
-    ``len()`` is the steps per epoch (equal on every rank), ``set_epoch(e, start_step)`` selects the
-    epoch whose batches ``epoch_indices()`` returns and whose augmentation stream ``epoch_seed()``
-    seeds; iteration then begins at batch ``start_step`` (a run resumed mid-epoch), with the same
-    batches and augmentations as the uninterrupted epoch from there on.
+    An optimizer step takes ``micro_batches`` batches of ``batch_size`` on each rank (gradient
+    accumulation). ``len()`` counts micro-batches per epoch (equal on every rank); ``set_epoch(e,
+    start)`` selects the epoch and the micro-batch iteration begins at (a run resumed mid-epoch).
+
+    Rank r's micro-batch m of step s holds permutation slots [s*G + (r*A + m)*b, ... + b) (G the global
+    batch, A the micro-batches, b their size), and every augmentation is drawn from its slot. So the
+    data of a run depend on the global batch and the micro-batch size only: 2 ranks without
+    accumulation read exactly what 1 rank accumulating 2 micro-batches reads, which is what lets a
+    run move between numbers of ranks and stay exact.
     """
 
-    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int):
+    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int, micro_batches: int = 1):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
         self.index = index
         self.classes = index.classes
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.micro_batches = batch_size, seed, micro_batches
         self.shard_id, self.num_shards = shard_id, num_shards
         self.epoch, self.start_step = 0, 0
         if len(self) == 0:
             raise ValueError(
-                f"{len(index)} training images cannot fill one batch of {batch_size} on each of {num_shards} rank(s)"
+                f"{len(index)} training images cannot fill one step of {micro_batches} batch(es) of {batch_size} "
+                f"on each of {num_shards} rank(s)"
             )
 
+    @property
+    def step_batch(self) -> int:
+        """Samples this rank reads per optimizer step."""
+        return self.batch_size * self.micro_batches
+
     def __len__(self) -> int:
-        return len(self.index) // (self.batch_size * self.num_shards)
+        return len(self.index) // (self.step_batch * self.num_shards) * self.micro_batches
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """``start_step`` counts micro-batches."""
         if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step {start_step} is outside the epoch's {len(self)} steps")
+            raise ValueError(f"start_step {start_step} is outside the epoch's {len(self)} micro-batches")
         self.epoch, self.start_step = epoch, start_step
 
     def epoch_indices(self) -> list[int]:
-        return epoch_indices(len(self.index), self.batch_size, self.seed, self.epoch, self.shard_id, self.num_shards)
+        return epoch_indices(len(self.index), self.step_batch, self.seed, self.epoch, self.shard_id, self.num_shards)
+
+    def epoch_slots(self) -> list[int]:
+        """The permutation slot of each entry of ``epoch_indices()``: the same for a sample whatever the
+        number of ranks, as long as the global batch is."""
+        step_batch, global_batch = self.step_batch, self.step_batch * self.num_shards
+        first = self.shard_id * step_batch
+        return [p // step_batch * global_batch + first + p % step_batch for p in range(len(self) * self.batch_size)]
 
     def epoch_seed(self) -> int:
-        return stream_seed(self.seed, self.epoch, self.shard_id)
+        return stream_seed(self.seed, self.epoch)

@@ -60,22 +60,22 @@ class TorchTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` for one rank's shard, on ``device``.
 
     The permutation of an epoch depends only on (seed, epoch) and each sample's augmentation on its
-    seed and position, so ``set_epoch(e, s)`` after a restart reproduces epoch e from step s exactly.
+    seed and slot, so ``set_epoch(e, s)`` after a restart reproduces epoch e from micro-batch s exactly.
     """
 
     def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device,
-                 num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1):
-        super().__init__(index, batch_size, seed, shard_id, num_shards)
+                 num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1):
+        super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.dataset = _FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        # Each sample's augmentation has its own seed (epoch, position), so the batches from any
-        # start step on equal those of the whole epoch, with or without worker processes.
-        indices, epoch_seed = self.epoch_indices(), self.epoch_seed()
+        # Each sample's augmentation has its own seed (epoch, slot), so the batches from any start
+        # step on equal those of the whole epoch, with or without worker processes or other ranks.
+        indices, slots, epoch_seed = self.epoch_indices(), self.epoch_slots(), self.epoch_seed()
         first = self.start_step * self.batch_size
-        items = [(indices[p], sample_seed(epoch_seed, p)) for p in range(first, len(indices))]
+        items = [(indices[p], sample_seed(epoch_seed, slots[p])) for p in range(first, len(indices))]
         loader = DataLoader(
             torch.utils.data.Subset(self.dataset, items),
             batch_size=self.batch_size,
