@@ -150,13 +150,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                              epoch: int, step: int, config: dict, extra: dict | None = None) -> None:
-    """``epoch`` is the next epoch to run and ``step`` the number of optimizer steps taken."""
+    """``epoch`` is the next epoch to run and ``step`` the number of optimizer steps taken. ``optimizer``
+    None: its state is kept elsewhere (ZeRO's per-rank partitions, written by the engine)."""
     state = {
         "format": "lcr-fast/1",
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "epoch": epoch,
         "step": step,
         "rng": rng_state(),

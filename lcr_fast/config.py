@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
         "moco_mlp": True,  # head 2048 -> 2048 -> ReLU -> moco_dim instead of one Linear
     },
     "train": {
-        "optimizer": {"name": "lars_simclr", "weight_decay": 1.5e-6, "momentum": 0.9, "trust_coef": 1e-3},
+        # lars_simclr | sgd | adamw (ours; betas is read by adamw only, momentum and trust_coef not)
+        "optimizer": {"name": "lars_simclr", "weight_decay": 1.5e-6, "momentum": 0.9, "trust_coef": 1e-3, "betas": [0.9, 0.999]},
         "warmup_epochs": 10,
         "warmup_lr": 0.0,
         "base_lr": 0.3,
@@ -77,8 +78,14 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": None,  # None: train.batch_size per rank (the reference evaluates with its train batch)
     },
     "engine": {
-        "precision": "auto",  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
-        "zero_stage": 0,
+        # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling); all autocast
+        # with fp32 master weights, BN statistics, EMA target and MoCo queue
+        "precision": "auto",
+        "zero_stage": 0,  # 0 with lars_simclr; 1 or 2 partition optimizer state (and gradients) with sgd / adamw
+        "grad_accum_steps": 1,  # micro-batches per optimizer step on each rank; train.batch_size stays the global batch
+        "sync_bn": False,  # CUDA only: BatchNorm statistics over all ranks (the reference: per GPU)
+        # torch.compile of the ResNet trunks: none | default | reduce-overhead (CUDA graphs) | aot_eager (no codegen)
+        "compile": "none",
         "channels_last": True,
         "log_interval": 10,  # optimizer steps between host syncs for logging
         "deterministic": False,
@@ -97,6 +104,8 @@ DEFAULTS: dict[str, Any] = {
         "flatten_kl": False,  # MoCo: KL over the flattened h*w map instead of row by row
     },
 }
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "aot_eager")  # engine.compile
 
 # Sections the reference allows to be False instead of a mapping.
 _MAY_BE_FALSE = {"eval"}
@@ -211,7 +220,15 @@ def validate(cfg: dict) -> None:
     _choice(cfg["engine"]["zero_stage"], "engine.zero_stage", (0, 1, 2, 3))
     _choice(cfg["engine"]["on_nonfinite"], "engine.on_nonfinite", ("stop", "skip"))
     _choice(cfg["kernels"]["backend"], "kernels.backend", ("auto", "triton", "torch"))
-    _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd"))
+    _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd", "adamw"))
+    _choice(cfg["engine"]["sync_bn"], "engine.sync_bn", (True, False))
+    _choice(cfg["engine"]["compile"], "engine.compile", COMPILE_MODES)
+    accum = cfg["engine"]["grad_accum_steps"]
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ConfigError(f"engine.grad_accum_steps must be a positive integer, got {accum!r}")
+    if accum > 1 and cfg["engine"]["on_nonfinite"] == "skip":
+        raise ConfigError("engine.on_nonfinite=skip drops single batches, which would leave an accumulated step half "
+                          "computed: use on_nonfinite=stop with engine.grad_accum_steps > 1")
     _choice(cfg["train"]["schedule"], "train.schedule", ("warmup_cosine", "cosine_epoch"))
     _choice(cfg["train"]["scale_lr"], "train.scale_lr", (True, False))
     if cfg["train"]["schedule"] == "cosine_epoch" and cfg["train"]["warmup_epochs"]:

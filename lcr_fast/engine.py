@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 class ProcessGroupError(RuntimeError):
     """The ranks could not form their process group (port in use, unreachable master, timeout)."""
@@ -69,46 +71,83 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16":
-        raise ValueError("engine.precision=fp16 is not supported yet: use bf16 (autocast) or fp32")
     return precision
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast with fp32 master weights: parameters, BN statistics and the EMA target stay fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """Autocast for evaluation; training gets the same from DeepSpeed's ``torch_autocast``."""
+    if precision in _AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """DeepSpeed settings: precision is our autocast, the LR schedule ours, so the engine does data
-    parallelism, gradient reduction and the optimizer step."""
-    if cfg.train.batch_size % world_size:
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by the {world_size} ranks")
-    if cfg.engine.zero_stage != 0 and cfg.train.optimizer.name == "lars_simclr":
-        raise ValueError(
-            f"engine.zero_stage={cfg.engine.zero_stage} hands LARS one flattened tensor, so its per-layer trust "
-            "ratios would be computed over the whole model: use zero_stage 0 with lars_simclr"
+def micro_batch_size(cfg, world_size: int) -> int:
+    """Samples per rank per forward: the global ``train.batch_size`` over ranks and accumulated micro-batches."""
+    accum = cfg.engine.grad_accum_steps
+    if cfg.train.batch_size % (world_size * accum):
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} rank(s) x "
+                         f"{accum} accumulated micro-batch(es)")
+    return cfg.train.batch_size // (world_size * accum)
+
+
+def check_engine_options(cfg, device: torch.device) -> None:
+    """Refuse the combinations that would fail late or silently compute something else."""
+    stage, optimizer = cfg.engine.zero_stage, cfg.train.optimizer.name
+    if stage == 3:
+        raise ConfigError("engine.zero_stage=3 partitions parameters, which breaks GradCAM's autograd.grad on layer4: "
+                         "use zero_stage 0, 1 or 2")
+    if stage in (1, 2) and optimizer == "lars_simclr":
+        raise ConfigError(
+            f"engine.zero_stage={stage} hands LARS one flattened partition, so its per-layer trust ratios would be "
+            "computed over a whole shard of the model: use zero_stage 0 with lars_simclr, or train.optimizer.name sgd / adamw"
         )
-    if cfg.engine.zero_stage == 3:
-        raise ValueError("engine.zero_stage=3 partitions parameters, which breaks GradCAM's autograd.grad on layer4")
-    return {
+    if cfg.engine.sync_bn and device.type != "cuda":
+        raise ConfigError(f"engine.sync_bn needs CUDA (torch's SyncBatchNorm); this run is on {device.type}")
+
+
+def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
+    """DeepSpeed settings: the LR schedule is ours; the engine does data parallelism, gradient
+    accumulation and reduction, ZeRO partitioning, autocast and fp16 loss scaling."""
+    config = {
         "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": cfg.engine.grad_accum_steps,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision in _AUTOCAST_DTYPES:
+        # Autocast with fp32 parameters (so fp32 master weights, BN statistics, EMA target and queue); fp16
+        # adds a dynamic loss scaler (torch's GradScaler). No module is listed as safe for lower-precision
+        # gradient communication: gradients are reduced in fp32.
+        config["torch_autocast"] = {"enabled": True, "dtype": str(_AUTOCAST_DTYPES[precision]).removeprefix("torch."),
+                                    "lower_precision_safe_modules": []}
+    return config
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world_size: int):
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world_size: int, precision: str):
     import deepspeed
 
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
+    config = deepspeed_config(cfg, world_size, precision)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer
+
+
+ZERO_TAG = "zero_optimizer"  # the engine's checkpoint of ZeRO's partitioned optimizer state, next to last.pt
+
+
+def save_zero_state(engine, ckpt_dir: str) -> None:
+    """Every rank writes its optimizer partition (a collective: all ranks call it)."""
+    engine.save_checkpoint(ckpt_dir, tag=ZERO_TAG, save_latest=False)
+
+
+def load_zero_state(engine, ckpt_dir: str) -> None:
+    engine.load_checkpoint(ckpt_dir, tag=ZERO_TAG, load_module_strict=True, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
 
 
 def barrier() -> None:

@@ -75,13 +75,16 @@ def build_optimizer(cfg, model: nn.Module) -> Optimizer:
     if opt.name == "lars_simclr":
         return LARS(lars_param_groups(model), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                     trust_coef=opt.trust_coef, keep_momentum=cfg.fixes.lars_momentum)
+    # As the reference's SGD: the predictor in its own group, which the schedule keeps at the base rate.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"name": "base", "params": [p for n, p in named if not n.startswith("predictor.")]},
+              {"name": "predictor", "params": [p for n, p in named if n.startswith("predictor.")]}]
+    groups = [g for g in groups if g["params"]]  # MoCo has no predictor
     if opt.name == "sgd":
-        # As the reference: the predictor in its own group, which the schedule keeps at the base rate.
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"name": "base", "params": [p for n, p in named if not n.startswith("predictor.")]},
-                  {"name": "predictor", "params": [p for n, p in named if n.startswith("predictor.")]}]
-        groups = [g for g in groups if g["params"]]  # MoCo has no predictor
         return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        # Not in the reference: an element-wise optimizer that ZeRO-1/2 can partition (LARS cannot).
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     raise ValueError(f"unknown optimizer {opt.name!r}")
 
 

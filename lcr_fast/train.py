@@ -40,7 +40,7 @@ from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_c
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
 from lcr_fast.eval.features import evaluate
 from lcr_fast.loading import load_model
-from lcr_fast.models import build_model
+from lcr_fast.models import build_model, compile_backbones
 from lcr_fast.models.moco import check_queue_size
 from lcr_fast.optim import build_optimizer, build_schedule
 from lcr_fast.report import plot_curves, write_report
@@ -166,11 +166,11 @@ def index_splits(data_dir: str, debug: bool):
 
 
 def build_data(cfg: Config, data_dir: str, train_index, test_index, info: eng.DistInfo):
-    per_rank = cfg.train.batch_size // info.world_size
-    eval_batch = cfg.data.eval_batch_size or per_rank
+    micro = eng.micro_batch_size(cfg, info.world_size)
+    eval_batch = cfg.data.eval_batch_size or cfg.train.batch_size // info.world_size
     threads, size, backend = cfg.dataset.num_workers, cfg.dataset.image_size, cfg.data.backend
-    train = build_train_loader(data_dir, recipe_for(cfg), per_rank, size, backend, info.device, threads, cfg.seed,
-                               info.rank, info.world_size, index=train_index)
+    train = build_train_loader(data_dir, recipe_for(cfg), micro, size, backend, info.device, threads, cfg.seed,
+                               info.rank, info.world_size, index=train_index, micro_batches=cfg.engine.grad_accum_steps)
     memory = build_eval_loader(data_dir, "train", eval_batch, size, backend, info.device, threads, index=train_index)
     test = build_eval_loader(data_dir, "test", eval_batch, size, backend, info.device, threads, index=test_index)
     return train, memory, test
@@ -203,12 +203,22 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def stop_with_checkpoint(path: str, model, optimizer, epoch: int, step: int, cfg: Config, history: list, epoch_step: int,
+def write_checkpoint(path: str, engine, model, optimizer, epoch: int, step: int, cfg: Config, extra: dict,
+                     info: eng.DistInfo) -> None:
+    """Rank 0 writes ``path``; under ZeRO every rank first writes its optimizer partition through the engine."""
+    zero = cfg.engine.zero_stage > 0
+    if zero:
+        eng.save_zero_state(engine, os.path.dirname(path))
+    if info.is_main:
+        save_training_checkpoint(path, model, None if zero else optimizer, epoch, step, cfg.to_dict(), extra)
+    eng.barrier()
+
+
+def stop_with_checkpoint(path: str, engine, model, optimizer, epoch: int, step: int, cfg: Config, history: list, epoch_step: int,
                          info: eng.DistInfo, written: bool = False) -> dict:
     """Write (unless the epoch's own checkpoint just was) a checkpoint ``epoch_step`` steps into ``epoch`` and stop."""
-    if info.is_main and not written:
-        save_training_checkpoint(path, model, optimizer, epoch, step, cfg.to_dict(), {"history": history, "epoch_step": epoch_step})
-    eng.barrier()
+    if not written:
+        write_checkpoint(path, engine, model, optimizer, epoch, step, cfg, {"history": history, "epoch_step": epoch_step}, info)
     if info.is_main:
         print(f"stopped on a signal after optimizer step {step}; checkpoint {path} written. Continue with --resume.")
     return {"stopped_at_step": step, "checkpoint": path}
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable(args.ckpt_dir)
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
     info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
+    eng.check_engine_options(cfg, info.device)
     precision = eng.resolve_precision(cfg.engine.precision, info.device)
     seed_everything(cfg.seed + info.rank, cfg.engine.deterministic)
     show = info.is_main and not args.hide_progress
@@ -243,13 +254,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Rank 0 holds the checkpoint folder's lock for the run; a second run on the same folder stops here.
     with run_lock(args.ckpt_dir) if info.is_main else contextlib.nullcontext():
-        return train(args, cfg, info, train_loader, memory_loader, test_loader, test_index, knn_k, amp, show)
+        return train(args, cfg, info, train_loader, memory_loader, test_loader, test_index, knn_k, precision, show)
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """A collective: every rank calls it at the same steps."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)  # gloo has no AVG
+        values /= dist.get_world_size()
+    return values
+
+
+def step_losses(mean_terms: torch.Tensor, rationale_weight: float, pieces: int) -> dict:
+    """The losses of the global batch, as the reference's single process reports them, from the
+    per-piece means of (ssl_loss, rationale_loss) over ``pieces`` = ranks x micro-batches: the SSL
+    loss is a mean over samples, the KL a sum over them."""
+    ssl, kl = mean_terms.tolist()
+    kl *= pieces
+    return {"loss": ssl + rationale_weight * kl, "ssl_loss": ssl, "rationale_loss": kl}
 
 
 def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loader, memory_loader, test_loader, test_index,
-          knn_k: int, amp, show: bool) -> dict:
+          knn_k: int, precision: str, show: bool) -> dict:
     """The training run proper: model, engine, the step loop, checkpoints, the final evaluation and report."""
-    model = build_model(cfg).to(info.device)
+    amp = eng.autocast(precision, info.device)
+    model = build_model(cfg)
+    if cfg.engine.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(info.device)
     optimizer = build_optimizer(cfg, model)
     start_epoch, step, epoch_step, history = 0, 0, 0, []
     ckpt_path = os.path.join(args.ckpt_dir, "last.pt")
@@ -257,7 +290,11 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
         resume_path = ckpt_path if args.resume == "auto" else args.resume
         ckpt = load_training_checkpoint(resume_path)
         load_state_strict(model, ckpt["model"], resume_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["optimizer"] is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        elif cfg.engine.zero_stage == 0:
+            raise ConfigError(f"{resume_path} was written under ZeRO (its optimizer state is partitioned by rank): resume it "
+                              "with the engine.zero_stage it was trained with")
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("history", [])
         epoch_step = ckpt["extra"].get("epoch_step", 0)
         set_rng_state(ckpt["rng"])
@@ -265,61 +302,76 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}" + (f" ({epoch_step} into the epoch)" if epoch_step else ""))
     if cfg.model.name == "moco":
         model.broadcast_queue()
-    engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size)
+    engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
+    if args.resume and ckpt["optimizer"] is None:
+        eng.load_zero_state(engine, os.path.dirname(resume_path))
     if cfg.engine.channels_last:
         # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
         # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
         model.to(memory_format=torch.channels_last)
-    schedule = build_schedule(cfg, len(train_loader))
+    compile_backbones(model, cfg.engine.compile)
+    accum = cfg.engine.grad_accum_steps
+    steps_per_epoch = len(train_loader) // accum
+    schedule = build_schedule(cfg, steps_per_epoch)
     log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
     if info.is_main:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
+    # The reference's KL is a sum over the whole batch; DeepSpeed divides each micro-batch's objective by
+    # the accumulation steps and averages gradients over ranks, so the KL counts world_size * accum times.
+    kl_weight = model.rationale_weight * info.world_size * accum
 
     rates, last_losses = [], {}
     watch, stop, stopped, skipped = NonFiniteWatch(info.device), StopRequest(), None, 0
+    step_terms = torch.zeros(2, device=info.device)  # ssl_loss, rationale_loss summed over this step's micro-batches
     for epoch in range(start_epoch, cfg.train.stop_at_epoch):
         model.train()
-        done_in_epoch = epoch_step if epoch == start_epoch else 0
-        train_loader.set_epoch(epoch, done_in_epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.train.num_epochs}", total=len(train_loader), initial=done_in_epoch,
-                   disable=not show)
-        tic, pairs = time.perf_counter(), 0
-        for view1, view2, _ in bar:
-            lr = schedule.apply(optimizer, step)
-            model.momentum_update()  # the reference's order: EMA first, then this step's forward
+        done_in_epoch = epoch_step if epoch == start_epoch else 0  # optimizer steps
+        train_loader.set_epoch(epoch, done_in_epoch * accum)
+        bar = tqdm(desc=f"epoch {epoch}/{cfg.train.num_epochs}", total=steps_per_epoch, initial=done_in_epoch, disable=not show)
+        tic, pairs, micro = time.perf_counter(), 0, 0
+        for view1, view2, _ in train_loader:
+            if micro == 0:  # once per optimizer step, as the reference: EMA first, then this step's forward
+                lr = schedule.apply(optimizer, step)
+                model.momentum_update()
             if cfg.engine.channels_last:
                 view1, view2 = view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last)
-            with amp:
-                out = engine(view1, view2)
-            # DeepSpeed averages gradients over ranks; the reference's KL is a sum over the whole batch,
-            # so each rank's KL counts world_size times for its gradient to stay that global sum.
-            objective = out["ssl_loss"] + model.rationale_weight * info.world_size * out["rationale_loss"]
+            out = engine(view1, view2)  # autocast, when on, comes from the engine's torch_autocast
+            objective = out["ssl_loss"] + kl_weight * out["rationale_loss"]
             if cfg.engine.on_nonfinite == "skip" and not all_finite(objective):
-                # The batch is consumed but no optimizer step is taken (the EMA step above stays).
+                # (accum is 1 here.) The batch is consumed but no optimizer step is taken (the EMA step above stays).
                 skipped += 1
                 done_in_epoch += 1
+                bar.update(1)
                 continue
             engine.backward(objective)
-            engine.step()
+            engine.step()  # steps the optimizer only after the last micro-batch
+            if cfg.engine.on_nonfinite == "stop":
+                watch.update(step + 1, out)
+            step_terms += torch.stack([out["ssl_loss"].detach().float(), out["rationale_loss"].detach().float()])
+            micro += 1
+            if micro < accum:
+                continue
+            micro = 0
             step += 1
             done_in_epoch += 1
             pairs += cfg.train.batch_size
-            if cfg.engine.on_nonfinite == "stop":
-                watch.update(step, out)
+            bar.update(1)
             log_step = step % cfg.engine.log_interval == 0 or step == 1
             if log_step:
                 watch.check()
-                last_losses = {k: out[k].item() for k in LOSS_TERMS}
+                last_losses = step_losses(mean_over_ranks(step_terms) / accum, model.rationale_weight, info.world_size * accum)
                 rate = pairs / (time.perf_counter() - tic)
                 if step > 1:  # the first interval holds start-up costs
                     rates.append(rate)
                 log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, skipped_steps=skipped, **last_losses)
                 bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
                 tic, pairs = time.perf_counter(), 0
-            if (log_step or info.world_size == 1) and done_in_epoch < len(train_loader) and stop.agreed(info.device):
+            step_terms.zero_()
+            if (log_step or info.world_size == 1) and done_in_epoch < steps_per_epoch and stop.agreed(info.device):
                 watch.check()
-                stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
+                stopped = stop_with_checkpoint(ckpt_path, engine, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
                 break
+        bar.close()
         if stopped:
             break
 
@@ -335,11 +387,9 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
                 shown += [f"{k} {100 * entry[k]:.2f}" for k in ("rank1", "rank5", "mAP") if k in entry]
                 print(f"epoch {epoch}: " + ", ".join(shown))
         watch.check()
-        if info.is_main:
-            save_training_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg.to_dict(), {"history": history})
-        eng.barrier()
+        write_checkpoint(ckpt_path, engine, model, optimizer, epoch + 1, step, cfg, {"history": history}, info)
         if epoch + 1 < cfg.train.stop_at_epoch and stop.agreed(info.device):
-            stopped = stop_with_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, cfg, history, 0, info, written=True)
+            stopped = stop_with_checkpoint(ckpt_path, engine, model, optimizer, epoch + 1, step, cfg, history, 0, info, written=True)
             break
     if stopped:
         log.close()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbone import build_backbone
+from ..config import COMPILE_MODES
+from .backbone import ResNetTrunk, build_backbone
 
 
 def build_model(config) -> nn.Module:
@@ -22,3 +23,22 @@ def build_model(config) -> nn.Module:
         return MoCo(backbone, m.moco_dim, m.moco_k, m.moco_m, m.moco_t, m.moco_mlp, m.rationale_channels,
                     m.rationale_weight, fixes.per_sample_minmax, fixes.flatten_kl, fixes.detach_cam)
     raise ValueError(f"unknown model {m.name!r}")
+
+
+def compile_backbones(model: nn.Module, mode: str) -> None:
+    """torch.compile every ResNet trunk of ``model`` in place; ``mode`` is one of COMPILE_MODES:
+    inductor's ``default``, ``reduce-overhead`` (inductor with CUDA graphs), ``aot_eager`` (tracing
+    only, no code generation: a check that the model compiles).
+
+    Only the trunks: they hold nearly all the compute, and their backward is only ever taken once,
+    while GradCAM's ``autograd.grad`` and the rationale loss's second path through cam run in the
+    eager heads. ``Module.compile`` keeps parameter names, so checkpoints do not change.
+    """
+    if mode == "none":
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {COMPILE_MODES}")
+    options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
+    for module in model.modules():
+        if isinstance(module, ResNetTrunk):
+            module.compile(**options)

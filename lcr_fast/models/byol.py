@@ -59,8 +59,12 @@ class BYOL(nn.Module):
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
         feat1 = self.backbone(view1)
         feat2 = self.backbone(view2)
-        p1 = self.predictor(self.projector(global_pool(feat1)))
-        p2 = self.predictor(self.projector(global_pool(feat2)))
+        # The heads run in fp32 even under autocast: GradCAM's gradient on layer4, which the rationale
+        # loss is fitted to, lies below fp16's range, and the heads cost little next to the backbone.
+        with torch.autocast(feat1.device.type, enabled=False):
+            cam_feat = feat1.float()  # feat1 itself in fp32 training
+            p1 = self.predictor(self.projector(global_pool(cam_feat)))
+            p2 = self.predictor(self.projector(global_pool(feat2.float())))
         with torch.no_grad():
             z1_t = self._target(view1)
             z2_t = self._target(view2)
@@ -68,8 +72,8 @@ class BYOL(nn.Module):
 
         # GradCAM of the SSL loss on view 1's layer4. The gradient is a constant (no create_graph),
         # but feat1 keeps its graph, so the rationale loss also trains the backbone through cam.
-        (grad1,) = torch.autograd.grad(ssl_loss, feat1, retain_graph=True)
-        cam = gradcam(feat1.detach() if self.detach_cam else feat1, grad1)
+        (grad1,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
+        cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad1)
         attention = self.rationale(feat1)
         rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=True)
         loss = ssl_loss + self.rationale_weight * rationale_loss

@@ -151,7 +151,11 @@ class MoCo(nn.Module):
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
         feat_q = self.backbone(im_q)
-        q = F.normalize(self.projector(global_pool(feat_q)), dim=1)
+        # The head runs in fp32 even under autocast: GradCAM's gradient on layer4, which the rationale
+        # loss is fitted to, lies below fp16's range, and the head costs little next to the backbone.
+        with torch.autocast(feat_q.device.type, enabled=False):
+            cam_feat = feat_q.float()  # feat_q itself in fp32 training
+            q = F.normalize(self.projector(global_pool(cam_feat)), dim=1)
         attention = self.rationale(feat_q)  # rationale.bn statistics: query (1st of 3)
         with torch.no_grad():
             k, k_all = self._keys(im_k)  # key map (2nd)
@@ -163,8 +167,8 @@ class MoCo(nn.Module):
 
         # GradCAM of the InfoNCE loss on the query's layer4: a constant gradient (no create_graph), but
         # feat_q keeps its graph, so the rationale loss also trains the backbone through cam.
-        (grad_q,) = torch.autograd.grad(ssl_loss, feat_q, retain_graph=True)
-        cam = gradcam(feat_q.detach() if self.detach_cam else feat_q, grad_q)
+        (grad_q,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
+        cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad_q)
         # The reference's KL: softmax over the last axis only (rows of w), no temperature, reduction sum.
         rationale_loss = rationale_kl(cam, attention, 1.0, flatten=self.flatten_kl)
         loss = ssl_loss + self.rationale_weight * rationale_loss
