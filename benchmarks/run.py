@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = {
     "step": ["step_bench.py"],
     "data": ["data_bench.py", "--repeats", "3"],
+    "end_to_end": ["e2e_bench.py"],
     "retrieval": ["retrieval_bench.py"],
     "kernels": ["kernel_bench.py"],
 }
@@ -36,6 +37,9 @@ def _speedups(results: dict) -> dict[str, float]:
     for key, label in (("dali_cpu_speedup", "data (DALI CPU)"), ("dali_mixed_speedup", "data (DALI mixed)")):
         if key in data:
             out[label] = data[key]
+    e2e = results.get("end_to_end", {}).get("figures", {})
+    if "speedup" in e2e:
+        out["end to end"] = e2e["speedup"]
     retrieval = results.get("retrieval", {}).get("figures", {})
     if "speedup" in retrieval:
         out["retrieval"] = retrieval["speedup"]

@@ -56,9 +56,10 @@ def _run_variant(args) -> dict:
     x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device).contiguous(memory_format=fmt)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" and args.variant == "ours"
            else contextlib.nullcontext())
-    step_fn = model
-    if args.compile and args.variant == "ours":
-        step_fn = torch.compile(model)
+    if args.variant == "ours":
+        from lcr_fast.models import compile_backbones
+
+        compile_backbones(model, args.compile)  # as engine.compile does
 
     def step(i: int) -> torch.Tensor:
         if args.variant == "reference":
@@ -66,7 +67,7 @@ def _run_variant(args) -> dict:
         sched.apply(opt, i)
         model.momentum_update()
         with amp:
-            out = step_fn(x1, x2)
+            out = model(x1, x2)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -95,7 +96,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="our model in channels_last, as engine.channels_last defaults (the reference stays contiguous)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "aot_eager"],
+                   help="torch.compile our ResNet trunks, as engine.compile (reduce-overhead: with CUDA graphs)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -109,7 +111,7 @@ def main() -> None:
     for variant in ("reference", "ours"):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch, "--batch", str(args.batch),
                "--size", str(args.size), "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--channels_last" if args.channels_last else "--no-channels_last"] + ["--compile"] * args.compile
+        cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
