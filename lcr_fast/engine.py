@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -137,16 +138,27 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, wo
     return engine, optimizer
 
 
-ZERO_TAG = "zero_optimizer"  # the engine's checkpoint of ZeRO's partitioned optimizer state, next to last.pt
+ZERO_TAG = "zero_optimizer_step"  # + the step: the engine's checkpoint of ZeRO's partitioned optimizer state
 
 
-def save_zero_state(engine, ckpt_dir: str) -> None:
-    """Every rank writes its optimizer partition (a collective: all ranks call it)."""
-    engine.save_checkpoint(ckpt_dir, tag=ZERO_TAG, save_latest=False)
+def save_zero_state(engine, ckpt_dir: str, step: int) -> str:
+    """Every rank writes its optimizer partition under a tag of its own step (a collective: all ranks
+    call it); returns the tag, which last.pt records. A run killed before last.pt is replaced leaves
+    the older tag, the one the older last.pt names, intact."""
+    tag = f"{ZERO_TAG}{step}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    return tag
 
 
-def load_zero_state(engine, ckpt_dir: str) -> None:
-    engine.load_checkpoint(ckpt_dir, tag=ZERO_TAG, load_module_strict=True, load_optimizer_states=True,
+def remove_stale_zero_states(ckpt_dir: str, keep: str) -> None:
+    """After last.pt names ``keep``, the partitions of earlier steps are unreachable."""
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(ZERO_TAG) and name != keep:
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def load_zero_state(engine, ckpt_dir: str, tag: str) -> None:
+    engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
                            load_lr_scheduler_states=False)
 
 

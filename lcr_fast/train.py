@@ -205,12 +205,15 @@ def format_results(results: dict) -> str:
 
 def write_checkpoint(path: str, engine, model, optimizer, epoch: int, step: int, cfg: Config, extra: dict,
                      info: eng.DistInfo) -> None:
-    """Rank 0 writes ``path``; under ZeRO every rank first writes its optimizer partition through the engine."""
+    """Rank 0 writes ``path``; under ZeRO every rank first writes its optimizer partition through the
+    engine, and last.pt names it."""
     zero = cfg.engine.zero_stage > 0
     if zero:
-        eng.save_zero_state(engine, os.path.dirname(path))
+        extra = {**extra, "zero_tag": eng.save_zero_state(engine, os.path.dirname(path), step)}
     if info.is_main:
         save_training_checkpoint(path, model, None if zero else optimizer, epoch, step, cfg.to_dict(), extra)
+        if zero:
+            eng.remove_stale_zero_states(os.path.dirname(path), extra["zero_tag"])
     eng.barrier()
 
 
@@ -304,7 +307,7 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
         model.broadcast_queue()
     engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
     if args.resume and ckpt["optimizer"] is None:
-        eng.load_zero_state(engine, os.path.dirname(resume_path))
+        eng.load_zero_state(engine, os.path.dirname(resume_path), ckpt["extra"]["zero_tag"])
     if cfg.engine.channels_last:
         # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
         # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
