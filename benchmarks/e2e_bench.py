@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from step_bench import _build  # noqa: E402
+from step_bench import add_common_arguments, build_variant, report, run_variant  # noqa: E402
 
 
 def _run_variant(args) -> dict:
@@ -40,7 +39,7 @@ def _run_variant(args) -> dict:
     index = scan_split(args.data_dir, "train")
     backend = "torchvision" if args.variant == "reference" else resolve_backend("dali")
     loader = build_train_loader(index.root, "byol", args.batch, args.size, backend, device, args.threads, 0, index=index)
-    model, opt, sched = _build(args.variant, args.arch, device, args.batch)
+    model, opt, sched = build_variant(args.variant, args.arch, device, args.batch)
     ours = args.variant == "ours"
     if ours:
         model.to(memory_format=torch.channels_last)
@@ -83,14 +82,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", help="ImageFolder root with train/ (default: synthetic 500x375 JPEGs)")
     p.add_argument("--arch", default="resnet18", choices=["resnet50", "resnet18"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    add_common_arguments(p, steps=6)
     p.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers / torch threads")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", default=None)
-    p.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args)))
@@ -108,21 +101,11 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--data_dir", str(data_dir),
                    "--arch", args.arch, "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
                    "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            results[variant] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[variant] = r = run_variant(cmd, variant)
             label = " (DALI missing here: our step behind the torchvision loader)" if r["dali_missing"] else ""
             print(f"{variant:>9}: {r['pairs_per_s']:.2f} pairs/s  {r['s_per_step']:.3f} s/step  loader {r['loader']}  "
                   f"peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']}){label}")
-    ours, ref = results["ours"], results["reference"]
-    results["config"] = {k: getattr(args, k) for k in ("arch", "batch", "size", "precision", "threads", "steps", "warmup")}
-    results["speedup"] = ours["pairs_per_s"] / ref["pairs_per_s"]
-    results["memory_ratio"] = ours["peak_bytes"] / ref["peak_bytes"]
-    print(f"end-to-end speedup ours/reference: {results['speedup']:.2f}x   peak memory ours/reference: {results['memory_ratio']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args, ("arch", "batch", "size", "precision", "threads", "steps", "warmup"), "end-to-end")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _build(variant: str, arch: str, device: torch.device, batch: int):
+def build_variant(variant: str, arch: str, device: torch.device, batch: int):
     from lcr_fast.config import load_config
     from lcr_fast.models import build_model
     from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
@@ -47,7 +47,7 @@ def _run_variant(args) -> dict:
     from lcr_fast.reference import reference_train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, opt, sched = _build(args.variant, args.arch, device, args.batch)
+    model, opt, sched = build_variant(args.variant, args.arch, device, args.batch)
     fmt = torch.channels_last if args.channels_last and args.variant == "ours" else torch.contiguous_format
     if fmt is torch.channels_last:
         model.to(memory_format=fmt)
@@ -88,20 +88,46 @@ def _run_variant(args) -> dict:
             "peak_bytes": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+def add_common_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """The options the step and end-to-end benchmarks share (``--variant`` is how they call themselves)."""
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+
+
+def run_variant(cmd: list[str], variant: str) -> dict:
+    """One variant in its own process, so that its peak memory is its own; it prints its JSON last."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict, args: argparse.Namespace, config_keys: tuple[str, ...], what: str) -> None:
+    """Ratios of ours over the reference (same batch, so step time and pairs/s give the same speed-up),
+    printed and, with ``--json``, written."""
+    ours, ref = results["ours"], results["reference"]
+    results["config"] = {k: getattr(args, k) for k in config_keys}
+    results["speedup"] = ref["s_per_step"] / ours["s_per_step"]
+    results["memory_ratio"] = ours["peak_bytes"] / ref["peak_bytes"]
+    print(f"{what} speedup ours/reference: {results['speedup']:.2f}x   peak memory ours/reference: {results['memory_ratio']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    add_common_arguments(p, steps=5)
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="our model in channels_last, as engine.channels_last defaults (the reference stays contiguous)")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "aot_eager"],
                    help="torch.compile our ResNet trunks, as engine.compile (reduce-overhead: with CUDA graphs)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", default=None)
-    p.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args)))
@@ -112,20 +138,9 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch, "--batch", str(args.batch),
                "--size", str(args.size), "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if proc.returncode:
-            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[variant]
+        results[variant] = r = run_variant(cmd, variant)
         print(f"{variant:>9}: {r['s_per_step']:.3f} s/step  {r['pairs_per_s']:.2f} pairs/s  peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']})")
-    ours, ref = results["ours"], results["reference"]
-    results["config"] = {k: getattr(args, k) for k in ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup")}
-    results["speedup"] = ref["s_per_step"] / ours["s_per_step"]
-    results["memory_ratio"] = ours["peak_bytes"] / ref["peak_bytes"]
-    print(f"speedup ours/reference: {results['speedup']:.2f}x   peak memory ours/reference: {results['memory_ratio']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args, ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup"), "step")
 
 
 if __name__ == "__main__":
