@@ -2,7 +2,7 @@
 
 One graph serves every recipe and both devices: ``mixed`` (nvJPEG) decoding and GPU operators when
 the loader's device is CUDA, DALI's CPU backend otherwise. All randomness is drawn in Python (numpy,
-seeded per rank, epoch and step) and fed to the graph next to the encoded files through one
+seeded per epoch and block of permutation slots, so not by rank) and fed to the graph next to the encoded files through one
 ``external_source``. That keeps the graph a pure function of its inputs, which buys:
 
 - exact torchvision sampling where it matters (RandomResizedCrop's ten attempts and fallback,
@@ -244,8 +244,9 @@ def batch_params(views: Sequence[ViewSpec], sizes: np.ndarray, image_size: int, 
     corners = [corner for p in per_view for corner in p[:2]]
     lo = np.maximum(np.floor(np.min(corners, axis=0)), 0)
     hi = np.minimum(np.ceil(np.max(corners, axis=0)), sizes)
+    offset = lo.astype(np.float32)
     for p in per_view:
-        p[0], p[1] = p[0] - lo.astype(np.float32), p[1] - lo.astype(np.float32)
+        p[0], p[1] = p[0] - offset, p[1] - offset
     return [lo.astype(np.int32), (hi - lo).astype(np.int32), *(x for p in per_view for x in p)]
 
 
@@ -263,7 +264,7 @@ def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder
     # Fancy (smooth) chroma upsampling as libjpeg-turbo and so PIL do it; nvJPEG's default differs.
     images = fn.decoders.image_slice(encoded, start=window_start, shape=window_shape, axis_names="HW",
                                      device=decoder_device, output_type=types.RGB, adjust_orientation=False,
-                                     jpeg_fancy_upsampling=False)
+                                     jpeg_fancy_upsampling=True)
     outputs = []
     for spec in views:
         roi_start, roi_end = next(params), next(params)
