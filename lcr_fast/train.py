@@ -243,13 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     show = info.is_main and not args.hide_progress
     train_loader, memory_loader, test_loader = build_data(cfg, args.data_dir, train_index, test_index, info)
     knn_k = min(cfg.train.knn_k, len(memory_loader.index))
-    amp = eng.autocast(precision, info.device)
 
     if args.eval_from:
         model, _ = load_model(args.eval_from, cfg.model.name, cfg.to_dict())
         model = model.to(info.device)
         results = {"checkpoint": args.eval_from, "knn_k": knn_k}
-        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show, autocast=amp))
+        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show,
+                                autocast=eng.autocast(precision, info.device)))
         if info.is_main:
             write_report(results, args.log_dir)
             print(format_results(results))
