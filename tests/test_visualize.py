@@ -15,13 +15,7 @@ from helpers import tiny_config, write_folder
 SIZE = 48  # layer4 is 3x3 (no stem max-pool): enough for a map with structure
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and does not wait on a second core that others keep busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model_and_images(tmp_path, n=3):
