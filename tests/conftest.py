@@ -19,3 +19,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Dispatch every kernel call to Triton (on CPU tensors: its interpreter) rather than to torch."""
+    monkeypatch.setenv("LCR_KERNELS", "triton")

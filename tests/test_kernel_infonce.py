@@ -10,9 +10,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.fixture(autouse=True)
-def _triton(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 @pytest.mark.parametrize("B,D,K", [(3, 37, 70), (5, 16, 300)])

@@ -10,9 +10,7 @@ LOSS_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-4), torch.bfloat16: dict(atol=1e-3, rtol=1e-2)}
 
 
-@pytest.fixture(autouse=True)
-def _triton(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 @pytest.mark.parametrize("shape", [(3, 13, 1), (3, 3, 5), (2, 7, 7)])

@@ -8,9 +8,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 
 
-@pytest.fixture(autouse=True)
-def _triton(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def _check(y, per_sample, up):
