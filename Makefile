@@ -22,7 +22,7 @@ demo: install
 	@echo; cat $(DEMO)/run/report.md
 
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
 	$(PY) benchmarks/step_bench.py

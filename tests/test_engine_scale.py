@@ -9,6 +9,7 @@ single large batch's.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ def setup(tmp_path_factory):
                       logger={"tensorboard": False, "matplotlib": False})
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return root, path
+    yield root, path
+    shutil.rmtree(root, ignore_errors=True)  # about 2 GB of checkpoints and ZeRO states
 
 
 def _run(root, cfg_path, name, *overrides, ranks=1, resume=False, port=29641):

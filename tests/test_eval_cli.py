@@ -1,6 +1,7 @@
 """lcr-eval end to end on a tiny checkpoint: results files, both linear protocols, reference files, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,7 +37,8 @@ def setup(tmp_path_factory):
     export_reference_checkpoint(model, root / "ckpt" / "byol_reference.pth")
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     write_folder(root / "data", classes=3, per_class=4, size=40)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(capsys, *argv):
