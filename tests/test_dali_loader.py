@@ -175,7 +175,7 @@ def test_empty_or_missing_split_fails_clearly(tmp_path):
 
 def test_too_few_images_for_a_batch(folder):
     index = scan_split(folder, "train")
-    with pytest.raises(ValueError, match="cannot fill one step of 1 batch\(es\) of 16 on each of 2 rank"):
+    with pytest.raises(ValueError, match=r"cannot fill one step of 1 batch\(es\) of 16 on each of 2 rank"):
         DaliTrainLoader(index, "byol", 16, S, "cpu", 2, seed=0, num_shards=2)
 
 
