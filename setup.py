@@ -13,6 +13,7 @@ setup(
         "torch==2.14.1",
         "torchvision==0.29.1",
         "nvidia-dali-cuda130",
+        "numba",  # the DALI CPU pipeline's colour step (a NumbaFunction operator)
         "deepspeed",
         "triton",
         "pyyaml",

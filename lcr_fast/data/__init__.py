@@ -5,6 +5,7 @@ Every loader is an iterable with ``len()`` (steps per epoch), ``set_epoch(e)`` (
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -17,12 +18,13 @@ BACKENDS = ("dali", "torchvision")
 
 
 def resolve_backend(backend: str) -> str:
-    """``dali`` falls back to ``torchvision`` with one warning when DALI cannot be imported."""
+    """``dali`` falls back to ``torchvision`` with one warning when our DALI pipelines cannot be
+    imported (DALI itself, or Numba, which its CPU colour step needs)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; expected one of {BACKENDS}")
     if backend == "dali":
         try:
-            import nvidia.dali  # noqa: F401
+            importlib.import_module(f"{__name__}.dali")
         except Exception as exc:  # a broken install raises more than ImportError
             warnings.warn(f"DALI is unavailable ({type(exc).__name__}: {exc}); using the torchvision loader instead")
             return "torchvision"

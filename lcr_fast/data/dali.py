@@ -22,8 +22,9 @@ solarize; flipping commutes with every later step, so it is fused into the crop'
   affine in RGB, so the jitter followed by grayscale collapses into one ``out = M x + K m`` per
   sample, where m is the crop's mean colour (contrast blends with the mean grey of the image at
   that point, which is linear in m). The four operations compose in a random order drawn per
-  sample, as torchvision's ColorJitter does. Evaluated with ``fn.reductions.mean`` and
-  ``fn.coord_transform``, and skipped for samples that draw neither operator. Deviations:
+  sample, as torchvision's ColorJitter does. Evaluated by ``recolour.recolour`` (DALI's mean
+  reduction and ``coord_transform`` on the GPU, a Numba kernel inside the graph on the CPU), and
+  skipped for samples that draw neither operator. Deviations:
   intermediate values are neither rounded nor clipped to [0, 255] between the operations (only the
   result is), and hue is a rotation of RGB about the grey axis by
   360 * h degrees (h in [-.1, .1] -> +-36 degrees) instead of a shift in HSV; of the linear hue
@@ -60,6 +61,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
 
 from .folder import DatasetError, FolderIndex
+from .recolour import recolour
 from .sharding import ShardedEpochs
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, eval_resize
 
@@ -271,12 +273,9 @@ def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder
         x = fn.resize(images, size=[image_size, image_size], roi_start=roi_start, roi_end=roi_end,
                       interp_type=types.INTERP_CUBIC if spec.cubic else types.INTERP_LINEAR, antialias=True)
         if spec.colour:
-            recolour, M, K = next(params), next(params), next(params)
-            if recolour:
-                mean = fn.reshape(fn.reductions.mean(x, axis_names="HW"), shape=[1, 3])
-                offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[3])
-                # One pass: M x + K m, converted to uint8 with saturation (clips to [0, 255]).
-                x = fn.coord_transform(x, M=M, T=offset, dtype=types.UINT8)
+            changed, M, K = next(params), next(params), next(params)
+            if changed:
+                x = recolour(x, M, K, "cpu" if decoder_device == "cpu" else "gpu")
         if spec.blur_p:
             blur, row, column = next(params), next(params), next(params)
             if blur:
