@@ -1,6 +1,7 @@
 """Two-view training throughput: the DALI loader against the reference's torchvision pipeline.
 
     python benchmarks/data_bench.py                                  # synthetic CUB-like JPEGs, 224 px, 2 threads
+    python benchmarks/data_bench.py --grain 0                        # the same drawings in flat colours (~10 KB files)
     python benchmarks/data_bench.py --data_dir /data/CUB --threads 8 --batch_size 64 --steps 30 --json out.json
 
 Both loaders read the same JPEGs with the same recipe, image size, batch size and thread count
@@ -59,6 +60,8 @@ def measure(loader, steps: int, sync: bool) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="ImageFolder root with a train/ split (default: synthetic 500x375 JPEGs)")
+    parser.add_argument("--grain", type=float, default=12.0,
+                        help="luminance noise of the synthetic JPEGs, grey levels: 12 gives photo-like files of ~70 KB")
     parser.add_argument("--recipe", default="byol", choices=("byol", "mocov2"))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
@@ -73,14 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
         if data_dir is None:
             num_classes = 10
             per_class = -(-(args.steps + 1) * args.batch_size // num_classes)
-            data_dir = write_dataset(tmp, num_classes, per_class, 1, image_size=(500, 375), seed=0)
+            data_dir = write_dataset(tmp, num_classes, per_class, 1, image_size=(500, 375), seed=0, grain=args.grain)
         index = scan_split(data_dir, "train")
+        jpeg_kb = sum(os.path.getsize(path) for path, _ in index.samples) / len(index) / 1024
         steps_per_epoch = len(index) // args.batch_size
         if steps_per_epoch < args.steps + 1:
             parser.error(f"{len(index)} images give {steps_per_epoch} batches of {args.batch_size}; --steps needs {args.steps + 1}")
 
         common = dict(recipe=args.recipe, batch_size=args.batch_size, image_size=args.image_size, seed=0)
-        results = {"images": len(index), "recipe": args.recipe, "image_size": args.image_size,
+        results = {"images": len(index), "mean_jpeg_kb": jpeg_kb, "recipe": args.recipe, "image_size": args.image_size,
                    "threads": args.threads, "batch_size": args.batch_size, "steps": args.steps}
         torch.set_num_threads(args.threads)
         loaders = {
