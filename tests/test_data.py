@@ -1,9 +1,11 @@
-"""ImageFolder indexing, damaged files, sharding and the torchvision loaders."""
+"""ImageFolder indexing, damaged files, sharding, the torchvision loaders and the synthetic dataset."""
 import pytest
 import torch
+from PIL import Image
 
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
 from lcr_fast.data.sharding import epoch_indices
+from lcr_fast.data.synthetic import class_names, write_dataset
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from helpers import write_folder
@@ -125,3 +127,18 @@ def test_two_ranks_read_what_one_rank_accumulating_two_micro_batches_reads(tmp_p
             for r in range(2):
                 for a, b in zip(rank_batches[r][step], single_batches[2 * step + r]):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_synthetic_dataset_layout_determinism_and_grain(tmp_path):
+    flat = write_dataset(tmp_path / "flat", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90))
+    again = write_dataset(tmp_path / "again", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90))
+    grainy = write_dataset(tmp_path / "grainy", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90), grain=12)
+    index = scan_split(flat, "train")
+    assert index.classes == class_names(3) and len(index) == 6 and len(scan_split(flat, "test")) == 3
+    files = sorted(p.relative_to(flat) for p in flat.rglob("*.jpg"))
+    assert files == sorted(p.relative_to(grainy) for p in grainy.rglob("*.jpg"))
+    assert all((flat / f).read_bytes() == (again / f).read_bytes() for f in files)
+    # Grain makes photo-like files: more than twice the bytes of flat colours (headers included), same pixels.
+    assert sum((grainy / f).stat().st_size for f in files) > 2 * sum((flat / f).stat().st_size for f in files)
+    with Image.open(grainy / files[0]) as img:
+        assert img.size == (120, 90)
