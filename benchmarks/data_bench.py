@@ -25,7 +25,7 @@ import torch
 
 from lcr_fast.data import scan_split
 from lcr_fast.data.dali import DaliTrainLoader
-from lcr_fast.data.synthetic import write_dataset
+from lcr_fast.data.synthetic import PHOTO_GRAIN, write_dataset
 from lcr_fast.data.torch_loader import TorchTrainLoader
 
 
@@ -60,8 +60,8 @@ def measure(loader, steps: int, sync: bool) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="ImageFolder root with a train/ split (default: synthetic 500x375 JPEGs)")
-    parser.add_argument("--grain", type=float, default=12.0,
-                        help="luminance noise of the synthetic JPEGs, grey levels: 12 gives photo-like files of ~70 KB")
+    parser.add_argument("--grain", type=float, default=PHOTO_GRAIN,
+                        help="luminance noise of the synthetic JPEGs, grey levels (default: photo-like files of ~70 KB)")
     parser.add_argument("--recipe", default="byol", choices=("byol", "mocov2"))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)

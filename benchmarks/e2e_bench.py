@@ -5,7 +5,7 @@
 
 Ours: the DALI loader (``mixed`` on a GPU) feeding our step (channels_last, ``--precision``). The
 reference: its torchvision/PIL pipeline in DataLoader workers feeding its fp32 eager step
-(lcr_fast.reference). Both read the same synthetic CUB-like JPEGs (500x375) or ``--data_dir``, each
+(lcr_fast.reference). Both read the same synthetic CUB-like JPEGs (500x375, photo-like grain) or ``--data_dir``, each
 in its own process (peak memory is its own). Where DALI cannot be imported (the lent GPU machine has
 none), ours runs its step behind the torchvision loader instead and the line says so: a lower bound
 of the DALI figure, measured rather than composed from parts.
@@ -92,10 +92,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if data_dir is None:
-            from lcr_fast.data.synthetic import write_dataset
+            from lcr_fast.data.synthetic import PHOTO_GRAIN, write_dataset
 
             per_class = -(-(args.steps + args.warmup + 1) * args.batch // 10)
-            data_dir = write_dataset(tmp, 10, per_class, 1, image_size=(500, 375), seed=0)
+            data_dir = write_dataset(tmp, 10, per_class, 1, image_size=(500, 375), seed=0, grain=PHOTO_GRAIN)
         results = {}
         for variant in ("reference", "ours"):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--data_dir", str(data_dir),

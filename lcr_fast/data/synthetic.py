@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 MARK_COLOURS = [(220, 30, 30), (30, 160, 40), (40, 70, 220), (240, 200, 20), (200, 40, 200), (20, 200, 210), (250, 130, 20), (250, 250, 250)]
 MARK_SHAPES = ["disc", "square", "triangle", "bar"]
 MAX_CLASSES = len(MARK_COLOURS) * len(MARK_SHAPES)
+PHOTO_GRAIN = 12.0  # see ``render``: photo-like JPEG sizes, what the benchmarks read
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -55,8 +56,8 @@ def render(label: int, size: tuple[int, int], rng: random.Random, grain: float =
 
     ``grain`` is the standard deviation (grey levels) of a luminance noise added before the final
     blur. Flat colours compress to about 10 KB at 500x375 and quality 90; a grain of 12 gives about
-    70 KB, in the range of photos of that size, so that JPEG decoding costs in a benchmark about
-    what it costs on a real dataset.
+    70 KB (``PHOTO_GRAIN``), in the range of photos of that size, so that JPEG decoding costs in a
+    benchmark about what it costs on a real dataset.
     """
     w, h = size
     img = Image.new("RGB", size, tuple(rng.randint(90, 170) for _ in range(3)))
