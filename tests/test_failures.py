@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from helpers import write_folder
-from test_train_cli import _config_file, _metrics, _run, _wait_for_logged
+from test_train_cli import _config_file, _metrics, _run, _uninterrupted_losses, _wait_for_logged
 
 
 def _digest(path):
@@ -42,11 +42,7 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
 def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, signum):
     import signal
 
-    write_folder(tmp_path / "data", classes=2, per_class=24, size=36)  # 12 steps per epoch
-    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 2, "knn_monitor": False})
-    full = _run(tmp_path, "full", cfg_path)
-    assert full.returncode == 0, full.stdout + full.stderr
-    expected = {m["step"]: m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m}
+    cfg_path, expected = _uninterrupted_losses(tmp_path)
 
     proc = _run(tmp_path, "pre", cfg_path, wait=False)
     _wait_for_logged(proc, tmp_path / "pre", lambda m: m["step"] >= 3)

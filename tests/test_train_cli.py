@@ -83,12 +83,18 @@ def test_train_writes_results_and_checkpoints_that_reload(tmp_path):
         assert evaluated["knn_top1"] == pytest.approx(results["knn_top1"])
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
+def _uninterrupted_losses(tmp_path):
+    """Data for two epochs of 12 steps, its config, and the loss of every step of an uninterrupted run."""
     write_folder(tmp_path / "data", classes=2, per_class=24, size=36)  # 12 steps per epoch
     cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 2, "knn_monitor": False})
     full = _run(tmp_path, "full", cfg_path)
     assert full.returncode == 0, full.stdout + full.stderr
     expected = {m["step"]: m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m}
+    return cfg_path, expected
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
+    cfg_path, expected = _uninterrupted_losses(tmp_path)
 
     proc = _run(tmp_path, "killed", cfg_path, wait=False)
     _wait_for_logged(proc, tmp_path / "killed", lambda m: m.get("epoch") == 1)
