@@ -1,5 +1,5 @@
-"""The DALI recipes' colour step: the CPU's Numba kernel against plain numpy and against DALI's own
-operators (which the GPU graph uses), on images of irregular sizes and with real jitter matrices."""
+"""The DALI recipes' colour step: the CPU's Numba kernel against plain numpy and against the DALI
+operators the GPU graph uses, on images of irregular sizes and with real jitter matrices."""
 import sys
 import warnings
 
@@ -9,21 +9,21 @@ from nvidia.dali import fn, pipeline_def
 
 from lcr_fast.data import resolve_backend
 from lcr_fast.data.dali import RECIPE_VIEWS, colour_transforms
-from lcr_fast.data.recolour import recolour, recolour_pixels
+from lcr_fast.data.recolour import recolour, recolour_ops, recolour_pixels
 
 SHAPES = [(7, 13), (40, 33), (1, 1), (64, 96)]
 
 
-def _inputs(seed: int, n: int):
-    """Images with flat patches and noise, and the (M, K) of jitter + greyscale as the BYOL view draws them."""
+def _inputs(seed: int, n: int, spec=RECIPE_VIEWS["byol"][0], size: tuple[int, int] | None = None):
+    """Images with flat patches and noise, and the (M, K) of jitter + greyscale as ``spec`` draws them."""
     rng = np.random.default_rng(seed)
     images = []
     for i in range(n):
-        h, w = SHAPES[i % len(SHAPES)]
+        h, w = size or SHAPES[i % len(SHAPES)]
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         image[: h // 2, : w // 2] = rng.integers(200, 256, 3)  # a bright patch that jitter drives past 255
         images.append(image)
-    changed, M, K = colour_transforms(n, RECIPE_VIEWS["byol"][0], rng)
+    changed, M, K = colour_transforms(n, spec, rng)
     # Samples drawn as unchanged carry the identity; give every sample a real transform.
     assert changed.sum() >= n // 2
     return images, M[changed], K[changed]
@@ -49,22 +49,35 @@ def test_kernel_matches_numpy():
     assert clipped > 0  # the clip was exercised
 
 
-def test_cpu_operator_equals_dalis_operators():
-    images, M, K = _inputs(1, 16)
+@pytest.mark.parametrize("seed,recipe,size", [(1, "byol", None), (2, "mocov2", None), (3, "byol", (224, 224)),
+                                               (4, "mocov2", (224, 224))])
+def test_gpu_formulation_equals_the_cpu_kernel(seed, recipe, size):
+    """The GPU graph's operators (``recolour_ops``), run here on CPU data nodes, against the Numba kernel
+    the CPU graph uses: both devices compute the same augmentation, equal to the byte except, rarely, one
+    grey level where float32 rounding decides (23 values of 40 million in 20 batches of 224 px images)."""
+    images, M, K = _inputs(seed, 16, RECIPE_VIEWS[recipe][0], size)
     n = len(M)
 
     @pipeline_def(batch_size=n, num_threads=2, device_id=None)
     def both():
         x, m, k = fn.external_source(source=lambda: (images[:n], M, K), num_outputs=3, batch=True, layout=["HWC", "", ""])
-        return recolour(x, m, k, "cpu"), recolour(x, m, k, "gpu")  # "gpu": DALI's own operators, here on the CPU
+        return recolour(x, m, k, "cpu"), recolour_ops(x, m, k)
 
     pipe = both()
     pipe.build()
     ours, dalis = pipe.run()
+    differing = total = 0
     for i in range(n):
-        a, b = np.asarray(ours[i]), np.asarray(dalis[i])
+        a, b = np.asarray(ours[i]).astype(int), np.asarray(dalis[i]).astype(int)
         assert a.shape == images[i].shape
-        np.testing.assert_array_equal(a, b)
+        total += a.size
+        for y, x, c in np.argwhere(a != b):
+            # Both sum in float32, in different orders (and DALI's mean accumulates in float32): they may
+            # round apart only where the exact value lies within float32 noise of a rounding boundary.
+            exact = M[i, c].astype(np.float64) @ images[i][y, x] + K[i, c].astype(np.float64) @ images[i].reshape(-1, 3).mean(0)
+            assert abs(a[y, x, c] - b[y, x, c]) == 1 and abs(exact + 0.5 - round(exact + 0.5)) < 1e-4
+            differing += 1
+    assert differing <= total * 1e-5
     assert ours.layout() == dalis.layout() == "HWC"
 
 

@@ -330,11 +330,18 @@ class _Runner:
     def _feed(self) -> tuple:
         return next(self._pending)  # StopIteration ends DALI's epoch
 
-    def _build(self):
+    def define(self, device_id: int | None):
+        """The pipeline, defined but not built: ``mixed`` decoding and GPU operators for a CUDA device.
+
+        DALI checks operator devices and argument inputs here; only ``build()`` needs the GPU, so
+        ``device_id=None`` defines the GPU graph on a machine without one (as the tests do)."""
         gpu = self.device.type == "cuda"
-        pipe = _graph(self._feed, self.views, self.image_size, "mixed" if gpu else "cpu",
-                      batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=_PREFETCH)
+        return _graph(self._feed, self.views, self.image_size, "mixed" if gpu else "cpu",
+                      batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+                      prefetch_queue_depth=_PREFETCH)
+
+    def _build(self):
+        pipe = self.define((self.device.index or 0) if self.device.type == "cuda" else None)
         pipe.build()
         return pipe
 

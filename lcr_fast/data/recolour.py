@@ -1,11 +1,14 @@
 """The colour step of the DALI recipes: ``out = clip(M x + K m)`` per sample, m being the mean colour of
 the image x (ColorJitter followed by RandomGrayscale, as ``dali.colour_transform`` composes them).
 
-On the GPU this is DALI's own operators: a mean reduction, then ``coord_transform``. On the CPU those
-cost about 1.3 ms per 224 px image, a third of the whole two-view recipe: ``coord_transform`` is a
-scalar loop that rounds every value through a libm call. So on the CPU the same arithmetic runs as one
-compiled Numba kernel inside the DALI graph (DALI's ``NumbaFunction`` operator, executed by DALI's
-worker threads without the GIL): about 0.1 ms per image, equal to the byte to the operators it replaces.
+On the GPU this is DALI's own operators (``recolour_ops``): a mean reduction, ``coord_transform`` by K
+of that mean and by M of the image, then arithmetic. DALI takes named argument inputs (``T=``) only from
+the CPU, so the per-image offset K m, computed from GPU data, joins by broadcast addition instead. On the
+CPU those operators cost about a third of the whole two-view recipe (``coord_transform`` is a scalar
+loop), so there the same arithmetic runs as one compiled Numba kernel inside the DALI graph (DALI's
+``NumbaFunction`` operator, executed by DALI's worker threads without the GIL), several times faster.
+Both round the same way (+ 0.5, clip, truncate); tests run ``recolour_ops`` on CPU data nodes against
+the kernel and find them equal to the byte.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import functools
 import numpy as np
 from numba import njit
 from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.numba import NumbaFunction
 
@@ -56,10 +60,18 @@ def _cpu_operator() -> NumbaFunction:
                          in_types=[types.UINT8, types.FLOAT, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 2, 2], device="cpu")
 
 
+def recolour_ops(images: DataNode, M: DataNode, K: DataNode) -> DataNode:
+    """``recolour_pixels`` as DALI operators that exist on both devices. ``M`` and ``K`` are CPU nodes
+    (named arguments); the offset derived from the images stays a regular input, as the GPU requires."""
+    mean = fn.reshape(fn.reductions.mean(images, axis_names="HW"), shape=[1, 3])
+    offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[1, 1, 3])
+    values = fn.coord_transform(images, M=M, dtype=types.FLOAT) + offset + 0.5
+    # The values are exact integers after the floor, so the cast cannot round either way.
+    return fn.cast(dmath.floor(dmath.clamp(values, 0.0, 255.0)), dtype=types.UINT8)
+
+
 def recolour(images: DataNode, M: DataNode, K: DataNode, device: str) -> DataNode:
     """``clip(M x + K m)`` of each uint8 HWC image x in ``images``, rounded to uint8 (``device`` "cpu" or "gpu")."""
     if device == "cpu":
         return fn.reshape(_cpu_operator()(images, M, K), layout="HWC")
-    mean = fn.reshape(fn.reductions.mean(images, axis_names="HW"), shape=[1, 3])
-    offset = fn.reshape(fn.coord_transform(mean, M=K), shape=[3])
-    return fn.coord_transform(images, M=M, T=offset, dtype=types.UINT8)
+    return recolour_ops(images, M, K)
