@@ -308,9 +308,13 @@ def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loade
     engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
     if args.resume and ckpt["optimizer"] is None:
         eng.load_zero_state(engine, os.path.dirname(resume_path), ckpt["extra"]["zero_tag"])
-    if cfg.engine.channels_last:
+    if cfg.engine.channels_last and cfg.engine.zero_stage == 0:
         # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
         # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
+        # ZeRO 1/2 keep every weight a view of their flat buffer and reduce gradients with view(-1), so
+        # there the weights stay contiguous and only the activations are channels_last: convolutions
+        # still run channels_last (the input decides), and autograd hands each weight a gradient
+        # strided like the weight itself.
         model.to(memory_format=torch.channels_last)
     compile_backbones(model, cfg.engine.compile)
     accum = cfg.engine.grad_accum_steps
