@@ -4,14 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := demo_out
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest
+	$(PY) -m pip install --quiet -e . pytest ruff
 	touch $@
 
 demo: install
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) benchmarks/step_bench.py

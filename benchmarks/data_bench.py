@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="ImageFolder root with a train/ split (default: synthetic 500x375 JPEGs)")
     parser.add_argument("--grain", type=float, default=PHOTO_GRAIN,
-                        help="luminance noise of the synthetic JPEGs, grey levels (default: photo-like files of ~70 KB)")
+                        help="luminance noise of the synthetic JPEGs, grey levels "
+                             "(default: photo-like files of ~70 KB)")
     parser.add_argument("--recipe", default="byol", choices=("byol", "mocov2"))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         jpeg_kb = sum(os.path.getsize(path) for path, _ in index.samples) / len(index) / 1024
         steps_per_epoch = len(index) // args.batch_size
         if steps_per_epoch < args.steps + 1:
-            parser.error(f"{len(index)} images give {steps_per_epoch} batches of {args.batch_size}; --steps needs {args.steps + 1}")
+            parser.error(f"{len(index)} images give {steps_per_epoch} batches of {args.batch_size}; "
+                         f"--steps needs {args.steps + 1}")
 
         common = dict(recipe=args.recipe, batch_size=args.batch_size, image_size=args.image_size, seed=0)
         results = {"images": len(index), "mean_jpeg_kb": jpeg_kb, "recipe": args.recipe, "image_size": args.image_size,
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
             "dali_cpu": (DaliTrainLoader(index, device="cpu", num_threads=args.threads, **common), False),
         }
         if torch.cuda.is_available():
-            loaders["dali_mixed"] = (DaliTrainLoader(index, device=torch.device("cuda", 0), num_threads=args.threads, **common), True)
+            loaders["dali_mixed"] = (DaliTrainLoader(index, device=torch.device("cuda", 0), num_threads=args.threads,
+                                                     **common), True)
         rate, cpu = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, float("inf"))
         for _ in range(args.repeats):
             for name, (loader, sync) in loaders.items():

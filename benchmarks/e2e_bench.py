@@ -3,8 +3,9 @@
     python benchmarks/e2e_bench.py                                   # CPU: ResNet-18, batch 8, 112 px, 2 threads
     python benchmarks/e2e_bench.py --arch resnet50 --batch 128 --size 224 --precision bf16 --threads 16   # one GPU
 
-Ours: the DALI loader (``mixed`` on a GPU) feeding our step (channels_last, ``--precision``). The
-reference: its torchvision/PIL pipeline in DataLoader workers feeding its fp32 eager step
+Ours: the DALI loader (``mixed`` on a GPU) feeding the trainer's own step (``build_engine`` and
+``train_step``: DeepSpeed engine, channels_last, ``--precision``). The reference: its torchvision/PIL
+pipeline in DataLoader workers feeding its fp32 eager step
 (lcr_fast.reference). Both read the same synthetic CUB-like JPEGs (500x375, photo-like grain) or ``--data_dir``, each
 in its own process (peak memory is its own). Where DALI cannot be imported (the lent GPU machine has
 none), ours runs its step behind the torchvision loader instead and the line says so: a lower bound
@@ -13,10 +14,8 @@ of the DALI figure, measured rather than composed from parts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,37 +26,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from step_bench import add_common_arguments, build_variant, report, run_variant  # noqa: E402
+from step_bench import add_common_arguments, build_variant, peak_memory, report, run_variant  # noqa: E402
 
 
 def _run_variant(args) -> dict:
     from lcr_fast.data import build_train_loader, resolve_backend, scan_split
-    from lcr_fast.reference import reference_train_step
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     index = scan_split(args.data_dir, "train")
     backend = "torchvision" if args.variant == "reference" else resolve_backend("dali")
-    loader = build_train_loader(index.root, "byol", args.batch, args.size, backend, device, args.threads, 0, index=index)
-    model, opt, sched = build_variant(args.variant, args.arch, device, args.batch)
-    ours = args.variant == "ours"
-    if ours:
-        model.to(memory_format=torch.channels_last)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if ours and args.precision == "bf16" else contextlib.nullcontext()
-
-    def step(i: int, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        if not ours:
-            return reference_train_step(model, opt, sched, x1, x2)["loss"]
-        x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
-        sched.apply(opt, i)
-        model.momentum_update()
-        with amp:
-            out = model(x1, x2)
-        opt.zero_grad(set_to_none=True)
-        out["ssl_loss"].add(out["rationale_loss"], alpha=model.rationale_weight).backward()
-        opt.step()
-        return out["loss"].detach()
-
+    loader = build_train_loader(index.root, "byol", args.batch, args.size, backend, device, args.threads, 0,
+                                index=index)
+    step = build_variant(args.variant, args.arch, device, args.batch, args.precision)
     batches = iter(loader)
     for i in range(args.warmup):
         x1, x2, _ = next(batches)
@@ -71,11 +52,11 @@ def _run_variant(args) -> dict:
         loss = step(args.warmup + i, x1, x2)
     float(loss)
     seconds = (time.perf_counter() - tic) / args.steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_memory(device)
     return {"variant": args.variant, "loader": backend, "device": device.type, "s_per_step": seconds,
             "pairs_per_s": args.batch / seconds, "peak_bytes": peak,
             "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-            "dali_missing": ours and backend != "dali"}
+            "dali_missing": args.variant == "ours" and backend != "dali"}
 
 
 def main() -> None:
@@ -99,7 +80,8 @@ def main() -> None:
         results = {}
         for variant in ("reference", "ours"):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--data_dir", str(data_dir),
-                   "--arch", args.arch, "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
+                   "--arch", args.arch, "--batch", str(args.batch), "--size", str(args.size),
+                   "--precision", args.precision,
                    "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
             results[variant] = r = run_variant(cmd, variant)
             label = " (DALI missing here: our step behind the torchvision loader)" if r["dali_missing"] else ""

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lcr_fast.eval import retrieval_metrics
 from lcr_fast.eval import retrieval as retrieval_module
+from lcr_fast.eval import retrieval_metrics
 
 
 def reference_loop(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -63,8 +63,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the reference loop; the fastest counts (shared machines)")
-    parser.add_argument("--ours_repeats", type=int, default=20, help="runs of retrieval_metrics (cheap); the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the reference loop; the fastest counts (shared machines)")
+    parser.add_argument("--ours_repeats", type=int, default=20,
+                        help="runs of retrieval_metrics (cheap); the fastest counts")
     parser.add_argument("--chunk_size", type=int, default=1024)
     parser.add_argument("--counting", choices=("auto", "compare", "search"), default="auto",
                         help="retrieval_metrics' way of counting items above each positive (auto: by class size)")

@@ -58,7 +58,8 @@ def _chart(speedups: dict[str, float], path: str) -> None:
     labels, values = list(speedups), list(speedups.values())
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
     # Bars start at 1x (no change); on a log axis a 1.2x step stays visible next to a 90x retrieval.
-    bars = ax.barh(labels, [v - 1 for v in values], left=1, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    bars = ax.barh(labels, [v - 1 for v in values], left=1,
+                   color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.set_xscale("log")
     ax.set_xlim(min(0.8, min(values) / 1.2), max(values) * 2)
     ax.axvline(1.0, color="black", linewidth=0.8)

@@ -12,6 +12,7 @@ import random
 import socket
 import tempfile
 import warnings
+import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,6 +21,10 @@ import torch
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that needs arbitrary code to unpickle."""
+
+
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint that is not one, or is damaged."""
 
 
 class CheckpointWriteError(OSError):
@@ -64,7 +69,8 @@ def run_lock(folder: str | os.PathLike) -> Iterator[str]:
                 os.unlink(path)
                 continue
             raise CheckpointLockError(
-                f"checkpoint folder {os.fspath(folder)!r} is in use by another run (process {pid_text} on {host or '?'}); "
+                f"checkpoint folder {os.fspath(folder)!r} is in use by another run "
+                f"(process {pid_text} on {host or '?'}); "
                 f"use another --ckpt_dir, or delete {path} if that run is gone"
             ) from None
         with os.fdopen(fd, "w") as f:
@@ -77,15 +83,28 @@ def run_lock(folder: str | os.PathLike) -> Iterator[str]:
             os.unlink(path)
 
 
-def check_writable(folder: str | os.PathLike) -> None:
-    """Fail now, not after hours of training, if checkpoints cannot be written to ``folder``."""
+def check_creatable(folder: str | os.PathLike, what: str) -> None:
+    """Fail now if ``folder`` could not be created or written to, without creating anything: its
+    nearest existing ancestor must be a writable directory."""
+    path = os.path.abspath(os.fspath(folder))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointWriteError(f"cannot write {what} to {os.fspath(folder)!r}: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointWriteError(f"cannot write {what} to {os.fspath(folder)!r}: {existing!r} is not writable")
+
+
+def check_writable(folder: str | os.PathLike, what: str = "checkpoints") -> None:
+    """Fail now, not after hours of training, if ``what`` cannot be written to ``folder``."""
     folder = os.fspath(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise CheckpointWriteError(f"cannot write checkpoints to {folder!r}: {exc.strerror or exc}") from exc
+        raise CheckpointWriteError(f"cannot write {what} to {folder!r}: {exc.strerror or exc}") from exc
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -109,20 +128,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def safe_load(path: str | os.PathLike, trust_file: bool = False) -> Any:
-    """torch.load with ``weights_only=True``: tensors and plain containers only; a pickle that
-    would run code is refused. ``trust_file=True`` is the explicit opt-out for a file you trust."""
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Fail in a line, from the file's first bytes, unless ``path`` can be a torch.save file: a zip
+    archive (torch >= 1.6) or a pickle (older torch's format)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if trust_file:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise NotACheckpointError(f"{path!r} is not a PyTorch checkpoint "
+                                  "(neither a torch.save zip archive nor a pickle)")
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """torch.load with ``weights_only=True``: tensors and plain containers only; a pickle that
+    would run code is refused, always."""
+    path = os.fspath(path)
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError) as exc:  # a damaged archive or a truncated pickle
+        raise NotACheckpointError(f"{path!r} cannot be read as a checkpoint: {str(exc).splitlines()[0]}") from exc
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"refused to load {path!r}: it contains objects other than tensors and plain containers, which could "
-            f"run code when unpickled ({str(exc).splitlines()[0]}). If you trust the file, load it with trust_file=True."
+            f"run code when unpickled ({str(exc).splitlines()[0]}). If you trust the file, re-save just its weights "
+            "as a plain state dict, e.g. torch.save({'state_dict': torch.load(path, weights_only=False)"
+            "['state_dict']}, 'weights.pth'), and load that file instead."
         ) from exc
 
 
@@ -143,7 +176,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -168,13 +202,14 @@ def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, op
         atomic_save(state, path)
     except OSError as exc:
         raise CheckpointWriteError(
-            f"cannot write checkpoint {os.fspath(path)!r}: {exc.strerror or exc}; the previous checkpoint there, if any, is intact"
+            f"cannot write checkpoint {os.fspath(path)!r}: {exc.strerror or exc}; "
+            "the previous checkpoint there, if any, is intact"
         ) from exc
 
 
-def load_training_checkpoint(path: str | os.PathLike, trust_file: bool = False) -> dict:
-    ckpt = safe_load(path, trust_file=trust_file)
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "lcr-fast/1":
-        raise ValueError(f"{os.fspath(path)!r} is not an lcr-fast training checkpoint "
+        raise NotACheckpointError(f"{os.fspath(path)!r} is not an lcr-fast training checkpoint "
                          "(for the reference's files use lcr_fast.compat.load_reference_checkpoint)")
     return ckpt

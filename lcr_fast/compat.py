@@ -14,11 +14,12 @@ tensors aside (``model.reference_extras``, CPU, outside the state dict) and writ
 any other model writes deterministic values (seed 0, the reference's initialisation; ``queue_ptr_max``
 equal to ``queue_ptr``, as the reference advances both together). They never enter a loss, so their
 values change no number the reference computes. The ``optimizer`` entry is ignored on reading (with a
-printed note when it holds momentum buffers); on writing it is a fresh SGD state (lr 0.03, momentum 0.9, weight decay 1e-4, no momentum
-buffers) that the reference's ``--resume`` accepts.
+printed note when it holds momentum buffers); on writing it is a fresh SGD state (lr 0.03, momentum 0.9,
+weight decay 1e-4, no momentum buffers) that the reference's ``--resume`` accepts.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -89,9 +90,9 @@ def _from_reference(state: dict[str, torch.Tensor], method: str) -> dict[str, to
     return out
 
 
-def read_reference_checkpoint(path: str | os.PathLike, trust_file: bool = False) -> tuple[dict[str, torch.Tensor], int | None]:
+def read_reference_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int | None]:
     """The reference checkpoint's state dict (``module.`` prefixes removed) and epoch."""
-    raw: Any = safe_load(path, trust_file=trust_file)
+    raw: Any = safe_load(path)
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{os.fspath(path)!r} holds no state_dict of tensors")
@@ -124,13 +125,17 @@ def _config_for(state: dict[str, torch.Tensor], method: str) -> Config:
         # standard ResNet with the stem max-pool.
         backbone = "resnet50" if _shape(state, "encoder_q.layer4.0.conv1.weight")[1] == 1024 else "resnet18"
         mlp = "encoder_q.fc.0.weight" in state
+        K = int(_shape(state, "queue")[1])
         return load_config(None, {
             "model": {
                 "name": "moco", "backbone": backbone, "maxpool": True, "pretrained": "none", "moco_mlp": mlp,
                 "moco_dim": int(_shape(state, "encoder_q.fc.2.weight" if mlp else "encoder_q.fc.weight")[0]),
-                "moco_k": int(_shape(state, "queue")[1]),
+                "moco_k": K,
                 "rationale_channels": int(_shape(state, "conv16.weight")[0]),
-            }
+            },
+            # The file does not tell the batch that filled its queue: the largest part of the reference's
+            # 128 that the queue takes whole, so that the config is one training could continue from.
+            "train": {"batch_size": math.gcd(K, 128)},
         })
     if method == "byol":
         width = state["backbone.layer4.0.conv1.weight"].shape[1] if "backbone.layer4.0.conv1.weight" in state else None
@@ -162,24 +167,24 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
-def load_reference_checkpoint(path: str | os.PathLike, method: str, config: Config | None = None,
-                              trust_file: bool = False) -> nn.Module:
+def load_reference_checkpoint(path: str | os.PathLike, method: str, config: Config | None = None) -> nn.Module:
     """Build our model from a reference checkpoint with identical numbers.
 
     Without ``config`` the model's shapes come from the checkpoint (ResNet-50 or -18, head sizes) and
-    the rest from the defaults (the reference's semantics). ``trust_file`` allows a full pickle load
-    for a file you trust; by default only tensors and plain containers are read.
+    the rest from the defaults (the reference's semantics). Only tensors and plain containers are
+    read (``checkpoint.safe_load``).
     """
     from .models import build_model
 
     if method not in PREFIXES:
         raise ValueError(f"method must be one of {sorted(PREFIXES)}, got {method!r}")
-    state, _ = read_reference_checkpoint(path, trust_file)
+    state, _ = read_reference_checkpoint(path)
     found = _detect_method(state)
     if found is not None and found != method:
         raise CheckpointMismatchError(f"{os.fspath(path)!r} is a {found} checkpoint, not {method}")
     if found is None:
-        raise CheckpointMismatchError(f"{os.fspath(path)!r} has none of the reference's {method} keys (e.g. {SIGNATURES[method]}*)")
+        raise CheckpointMismatchError(f"{os.fspath(path)!r} has none of the reference's {method} keys "
+                                      f"(e.g. {SIGNATURES[method]}*)")
     cfg = config if config is not None else _config_for(state, method)
     model = build_model(cfg)
     load_state_strict(model, _from_reference(state, method), os.fspath(path))
@@ -208,7 +213,8 @@ def _moco_unused_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     shapes = {"queue_max": (dim, K), "queue_ptr_max": (1,), "conv16_2.weight": (1, channels, 1, 1),
               "bn16_2.weight": (1,), "bn16_2.bias": (1,), "bn16_2.running_mean": (1,), "bn16_2.running_var": (1,),
               "bn16_2.num_batches_tracked": (), "fc.weight": (dim, width), "fc.bias": (dim,),
-              "qmax.0.weight": (width, width), "qmax.0.bias": (width,), "kmax.0.weight": (width, width), "kmax.0.bias": (width,)}
+              "qmax.0.weight": (width, width), "qmax.0.bias": (width,),
+              "kmax.0.weight": (width, width), "kmax.0.bias": (width,)}
     kept = getattr(model, "reference_extras", None) or {}
     if all(k in kept and tuple(kept[k].shape) == s for k, s in shapes.items()):
         out = {k: kept[k] for k in shapes}
@@ -266,7 +272,8 @@ def export_reference_checkpoint(model: nn.Module, path: str | os.PathLike, epoch
     method = model_method(model)
     state = reference_state_dict(model, method)
     if method == "moco":
-        atomic_save({"epoch": epoch, "arch": _arch_name(model), "state_dict": {"module." + k: v for k, v in state.items()},
+        atomic_save({"epoch": epoch, "arch": _arch_name(model),
+                     "state_dict": {"module." + k: v for k, v in state.items()},
                      "optimizer": _reference_sgd_state(state)}, path)
     else:
         atomic_save({"epoch": epoch, "state_dict": state}, path)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.resources
+import math
 import os
+import re
+from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
@@ -43,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         # lars_simclr | sgd | adamw (ours; betas is read by adamw only, momentum and trust_coef not)
-        "optimizer": {"name": "lars_simclr", "weight_decay": 1.5e-6, "momentum": 0.9, "trust_coef": 1e-3, "betas": [0.9, 0.999]},
+        "optimizer": {"name": "lars_simclr", "weight_decay": 1.5e-6, "momentum": 0.9, "trust_coef": 1e-3,
+                      "betas": [0.9, 0.999]},
         "warmup_epochs": 10,
         "warmup_lr": 0.0,
         "base_lr": 0.3,
@@ -55,11 +60,15 @@ DEFAULTS: dict[str, Any] = {
         "knn_interval": 1,
         "knn_k": 200,
         "knn_t": 0.1,
-        "retrieval_interval": 0,  # epochs between test-split retrieval runs during training (MoCo's reference: 1); 0: at the end only
+        # epochs between test-split retrieval runs during training (MoCo's reference: 1); 0: at the end only
+        "retrieval_interval": 0,
         # warmup_cosine: BYOL's per-iteration warmup + cosine; cosine_epoch: MoCo's per-epoch cosine, no warmup
         "schedule": "warmup_cosine",
         "scale_lr": True,  # lr = base_lr * batch_size / 256 (BYOL's rule); MoCo's reference uses base_lr as it is
     },
+    # BYOL's end-of-run linear evaluation (the reference's main.py -> linear_cub_eval.py) and lcr-eval's linear
+    # protocols: SGD (the only optimizer the reference's configs name), LR = base_lr * batch_size / 256 with
+    # per-iteration warmup and cosine; False skips the linear evaluation and the end-of-run retrieval
     "eval": {
         "optimizer": {"name": "sgd", "weight_decay": 0.0, "momentum": 0.9},
         "warmup_lr": 0.0,
@@ -76,6 +85,9 @@ DEFAULTS: dict[str, Any] = {
         "backend": "dali",  # dali | torchvision (dali falls back to torchvision when it cannot be imported)
         "recipe": None,  # byol | mocov2; None: the model's own recipe
         "eval_batch_size": None,  # None: train.batch_size per rank (the reference evaluates with its train batch)
+        # images per class held out of train/ (drawn with `seed`) as a validation split for model selection, never
+        # trained on; 0: train on all of train/, as the reference; else at least 2 (retrieval needs a pair per class)
+        "val_per_class": 0,
     },
     "engine": {
         # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling); all autocast
@@ -93,6 +105,10 @@ DEFAULTS: dict[str, Any] = {
         # stop: a non-finite loss ends the run (the last checkpoint kept); skip: such a step is left out and
         # counted, at the price of one host sync per step
         "on_nonfinite": "stop",
+        # false: a component that cannot take its fast path here (a Triton kernel that fails its start-up check,
+        # DALI's GPU pipeline, bf16, engine.compile) falls back with one warning; true: that is an error instead
+        # (for benchmarks and bug reports). kernels.backend=triton makes a kernel's fallback an error as well.
+        "strict": False,
     },
     "kernels": {"backend": "auto"},  # auto | triton | torch; the LCR_KERNELS environment variable wins
     "fixes": {
@@ -102,6 +118,11 @@ DEFAULTS: dict[str, Any] = {
         "detach_cam": False,  # the rationale loss does not back-propagate into the backbone through cam
         "warmup_first_step": False,  # the first iteration uses the warmup LR instead of the un-warmed base LR
         "flatten_kl": False,  # MoCo: KL over the flattened h*w map instead of row by row
+        # BYOL's end-of-run linear evaluation classifies the features of the trained model instead of a fresh one
+        # (ImageNet or random backbone, untrained rationale detector: the reference never loads its checkpoint)
+        "linear_eval_trained_weights": False,
+        # ... and reports the accuracy over all test images instead of the mean of per-batch accuracies
+        "linear_eval_weighted_accuracy": False,
     },
 }
 
@@ -167,12 +188,27 @@ def _merge(base: dict, update: dict, defaults: dict, source: str, prefix: str = 
             base[key] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects), reading ``1e-3`` and ``1e38`` as numbers, as YAML 1.2
+    does: YAML 1.1 wants a dot and a signed exponent, so a learning rate written so became a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def parse_override(text: str) -> dict:
     """``train.batch_size=64`` -> {"train": {"batch_size": 64}}; the value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    value = yaml.load(raw, Loader=_Loader) if raw != "" else None
     tree: dict = {}
     node = tree
     parts = dotted.strip().split(".")
@@ -182,18 +218,41 @@ def parse_override(text: str) -> dict:
     return tree
 
 
+def packaged_configs() -> dict[str, str]:
+    """The configs shipped with the package (``lcr_fast.configs``), name -> path: the reference's
+    ``byol_cub200`` and the others, usable by name from an installed package."""
+    folder = importlib.resources.files("lcr_fast.configs")
+    return {Path(entry.name).stem: str(entry) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """``path`` itself when it is a file, else a packaged config's name (``byol_cub200`` or
+    ``byol_cub200.yaml``)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    shipped = packaged_configs()
+    name = Path(path).stem if Path(path).suffix == ".yaml" else Path(path).name
+    if os.sep not in path and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {path!r} does not exist, nor is it a packaged config "
+                      f"({', '.join(shipped)}; lcr-train --list-configs)")
+
+
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (may be None), then ``overrides`` (``a.b=v`` strings or a dict)."""
+    """Defaults, then the YAML file at ``path`` (a file or a packaged config's name; may be None), then
+    ``overrides`` (``a.b=v`` strings or a dict)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
+        path = resolve_config_path(path)
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_Loader)
             except yaml.YAMLError as exc:  # includes tags that would construct Python objects
                 raise ConfigError(f"config file {path!r} is not plain YAML: {str(exc).splitlines()[0]}") from exc
+        if data is None:
+            raise ConfigError(f"config file {path!r} is empty: name a config that sets at least the model and data")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
         _merge(cfg, data, DEFAULTS, path)
@@ -211,8 +270,35 @@ def _choice(value: Any, key: str, choices: tuple) -> None:
         raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
 
 
-def validate(cfg: dict) -> None:
-    """Reject values that would fail later or silently compute something else."""
+def _integer(value: Any, key: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key} must be an integer of at least {minimum}, got {value!r}")
+
+
+def _number(value: Any, key: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """A real number in [low, high] (or (low, high] with ``low_open``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (low < value if low_open else low <= value) or value > high or math.isnan(value):
+        above = f"{'above' if low_open else 'at least'} {low:g}"
+        bound = above if high == math.inf else f"{above} and at most {high:g}"
+        raise ConfigError(f"{key} must be a number {bound}, got {value!r}")
+
+
+def check_queue_size(K: int, global_batch: int) -> None:
+    """The MoCo queue takes a whole number of global batches (the reference asserts it on the first step)."""
+    if K >= global_batch and K % global_batch == 0:
+        return
+    below = max(1, K // global_batch)
+    sizes = sorted({global_batch * n for n in range(max(1, below - 1), below + 3)})
+    raise ConfigError(
+        f"model.moco_k={K!r} is not a multiple of the global batch train.batch_size={global_batch}: the queue is "
+        f"refilled one global batch at a time. Nearby valid sizes: {', '.join(map(str, sizes))}"
+    )
+
+
+def _validate_choices(cfg: dict) -> None:
+    if not isinstance(cfg["name"], str) or not cfg["name"] or "/" in cfg["name"]:
+        raise ConfigError(f"name must be a non-empty string without '/' (it names output files), got {cfg['name']!r}")
     _choice(cfg["model"]["name"], "model.name", ("byol", "moco"))
     _choice(cfg["data"]["backend"], "data.backend", ("dali", "torchvision"))
     _choice(cfg["data"]["recipe"], "data.recipe", (None, "byol", "mocov2"))
@@ -221,34 +307,116 @@ def validate(cfg: dict) -> None:
     _choice(cfg["engine"]["on_nonfinite"], "engine.on_nonfinite", ("stop", "skip"))
     _choice(cfg["kernels"]["backend"], "kernels.backend", ("auto", "triton", "torch"))
     _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd", "adamw"))
-    _choice(cfg["engine"]["sync_bn"], "engine.sync_bn", (True, False))
-    _choice(cfg["engine"]["compile"], "engine.compile", COMPILE_MODES)
-    accum = cfg["engine"]["grad_accum_steps"]
-    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
-        raise ConfigError(f"engine.grad_accum_steps must be a positive integer, got {accum!r}")
-    if accum > 1 and cfg["engine"]["on_nonfinite"] == "skip":
-        raise ConfigError("engine.on_nonfinite=skip drops single batches, which would leave an accumulated step half "
-                          "computed: use on_nonfinite=stop with engine.grad_accum_steps > 1")
     _choice(cfg["train"]["schedule"], "train.schedule", ("warmup_cosine", "cosine_epoch"))
-    _choice(cfg["train"]["scale_lr"], "train.scale_lr", (True, False))
-    if cfg["train"]["schedule"] == "cosine_epoch" and cfg["train"]["warmup_epochs"]:
-        raise ConfigError(f"train.schedule=cosine_epoch has no warmup (as the reference's MoCo): set train.warmup_epochs "
-                          f"to 0, got {cfg['train']['warmup_epochs']!r}")
-    for key in ("moco_dim", "moco_k"):
-        if not isinstance(cfg["model"][key], int) or isinstance(cfg["model"][key], bool) or cfg["model"][key] < 1:
-            raise ConfigError(f"model.{key} must be a positive integer, got {cfg['model'][key]!r}")
-    train = cfg["train"]
+    for key in ("engine.sync_bn", "engine.channels_last", "engine.deterministic", "engine.strict", "train.scale_lr",
+                "train.knn_monitor", "logger.tensorboard", "logger.matplotlib", "model.moco_mlp"):
+        section, name = key.split(".")
+        _choice(cfg[section][name], key, (True, False))
+    for name, value in cfg["fixes"].items():
+        _choice(value, f"fixes.{name}", (True, False))
+    _choice(cfg["engine"]["compile"], "engine.compile", COMPILE_MODES)
+    _choice(cfg["model"]["maxpool"], "model.maxpool", (None, True, False))
+    from lcr_fast.models.backbone import resolve_arch  # the models package reads this module: imported late
+
+    try:
+        resolve_arch(cfg["model"]["backbone"], cfg["model"]["maxpool"])
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone: {exc}") from None
+    if not isinstance(cfg["model"]["pretrained"], str):
+        raise ConfigError(f"model.pretrained must be imagenet, none or a path, got {cfg['model']['pretrained']!r}")
+
+
+def _validate_numbers(cfg: dict) -> None:
+    model, train, optimizer = cfg["model"], cfg["train"], cfg["train"]["optimizer"]
+    for key in ("proj_hidden_dim", "proj_dim", "rationale_channels", "moco_dim", "moco_k"):
+        _integer(model[key], f"model.{key}", 1)
+    for key in ("batch_size", "stop_at_epoch", "num_epochs", "knn_interval", "knn_k"):
+        _integer(train[key], f"train.{key}", 1)
+    _integer(train["warmup_epochs"], "train.warmup_epochs", 0)
+    _integer(train["retrieval_interval"], "train.retrieval_interval", 0)
+    _integer(cfg["dataset"]["image_size"], "dataset.image_size", 32)
+    _integer(cfg["dataset"]["num_workers"], "dataset.num_workers", 0)
+    _integer(cfg["engine"]["grad_accum_steps"], "engine.grad_accum_steps", 1)
+    _integer(cfg["engine"]["log_interval"], "engine.log_interval", 1)
+    _integer(cfg["engine"]["dist_timeout_s"], "engine.dist_timeout_s", 1)
+    _integer(cfg["data"]["val_per_class"], "data.val_per_class", 0)
+    if cfg["data"]["val_per_class"] == 1:
+        raise ConfigError("data.val_per_class must be 0 (off) or at least 2: retrieval among the validation images "
+                          "finds no image of the query's class when each class holds out one")
+    if cfg["data"]["eval_batch_size"] is not None:
+        _integer(cfg["data"]["eval_batch_size"], "data.eval_batch_size", 1)
+    if cfg["seed"] is not None:
+        _integer(cfg["seed"], "seed", 0)
+    _number(train["base_lr"], "train.base_lr", 0.0, low_open=True)
+    for key in ("warmup_lr", "final_lr"):
+        _number(train[key], f"train.{key}", 0.0)
+    _number(train["knn_t"], "train.knn_t", 0.0, low_open=True)
+    _number(optimizer["weight_decay"], "train.optimizer.weight_decay", 0.0)
+    _number(optimizer["momentum"], "train.optimizer.momentum", 0.0, 1.0)
+    _number(optimizer["trust_coef"], "train.optimizer.trust_coef", 0.0, low_open=True)
+    for key in ("ema_tau", "moco_m"):
+        _number(model[key], f"model.{key}", 0.0, 1.0)
+    for key in ("moco_t", "rationale_temperature"):
+        _number(model[key], f"model.{key}", 0.0, low_open=True)
+    _number(model["rationale_weight"], "model.rationale_weight", 0.0)
+
+
+def _validate_eval(section: dict | bool) -> None:
+    if section is False:
+        return
+    name = section["optimizer"]["name"]
+    if name != "sgd":
+        raise ConfigError(f"eval.optimizer.name must be sgd, the linear evaluation's only optimizer (as in every "
+                          f"reference config), got {name!r}")
+    for key in ("batch_size", "num_epochs"):
+        _integer(section[key], f"eval.{key}", 1)
+    _integer(section["warmup_epochs"], "eval.warmup_epochs", 0)
+    if section["warmup_epochs"] > section["num_epochs"]:
+        raise ConfigError("eval.warmup_epochs must not exceed eval.num_epochs")
+    _number(section["base_lr"], "eval.base_lr", 0.0, low_open=True)
+    for key in ("warmup_lr", "final_lr"):
+        _number(section[key], f"eval.{key}", 0.0)
+    _number(section["optimizer"]["weight_decay"], "eval.optimizer.weight_decay", 0.0)
+    _number(section["optimizer"]["momentum"], "eval.optimizer.momentum", 0.0, 1.0)
+    _choice(section["retrieval"], "eval.retrieval", (True, False))
+
+
+def _validate_combinations(cfg: dict) -> None:
+    train, engine = cfg["train"], cfg["engine"]
     if train["stop_at_epoch"] > train["num_epochs"]:
-        raise ConfigError(f"train.stop_at_epoch ({train['stop_at_epoch']}) must not exceed train.num_epochs ({train['num_epochs']})")
+        raise ConfigError(f"train.stop_at_epoch ({train['stop_at_epoch']}) must not exceed "
+                          f"train.num_epochs ({train['num_epochs']})")
     if train["warmup_epochs"] > train["num_epochs"]:
         raise ConfigError("train.warmup_epochs must not exceed train.num_epochs")
-    if not isinstance(train["retrieval_interval"], int) or train["retrieval_interval"] < 0:
-        raise ConfigError(f"train.retrieval_interval must be a non-negative integer, got {train['retrieval_interval']!r}")
-    for key in ("batch_size", "stop_at_epoch", "num_epochs", "knn_interval"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    if not isinstance(cfg["dataset"]["image_size"], int) or cfg["dataset"]["image_size"] < 32:
-        raise ConfigError(f"dataset.image_size must be an integer of at least 32, got {cfg['dataset']['image_size']!r}")
+    if train["schedule"] == "cosine_epoch" and train["warmup_epochs"]:
+        raise ConfigError(f"train.schedule=cosine_epoch has no warmup (as the reference's MoCo): set "
+                          f"train.warmup_epochs to 0, got {train['warmup_epochs']!r}")
+    accum = engine["grad_accum_steps"]
+    if train["batch_size"] % accum:
+        raise ConfigError(f"train.batch_size {train['batch_size']} is not divisible by engine.grad_accum_steps {accum}")
+    if accum > 1 and engine["on_nonfinite"] == "skip":
+        raise ConfigError("engine.on_nonfinite=skip drops single batches, which would leave an accumulated step half "
+                          "computed: use on_nonfinite=stop with engine.grad_accum_steps > 1")
+    if engine["zero_stage"] == 3:
+        raise ConfigError("engine.zero_stage=3 partitions parameters, which breaks GradCAM's autograd.grad on layer4: "
+                          "use zero_stage 0, 1 or 2")
+    if engine["zero_stage"] in (1, 2) and train["optimizer"]["name"] == "lars_simclr":
+        raise ConfigError(
+            f"engine.zero_stage={engine['zero_stage']} hands LARS one flattened partition, so its per-layer trust "
+            "ratios would be computed over a whole shard of the model: use zero_stage 0 with lars_simclr, or "
+            "train.optimizer.name sgd / adamw"
+        )
+    if cfg["model"]["name"] == "moco":
+        check_queue_size(cfg["model"]["moco_k"], train["batch_size"])
+
+
+def validate(cfg: dict) -> None:
+    """Every check that needs the config alone: values that would fail later or silently compute
+    something else. Checks that need the device or the number of ranks run where those are known."""
+    _validate_choices(cfg)
+    _validate_numbers(cfg)
+    _validate_eval(cfg["eval"])
+    _validate_combinations(cfg)
 
 
 def recipe_for(cfg: Config) -> str:

@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .errors import FallbackError
 
 
 class ProcessGroupError(RuntimeError):
@@ -61,17 +63,31 @@ def init_distributed(timeout_s: int = 600, local_rank: int | None = None) -> Dis
         except (RuntimeError, OSError) as exc:  # torch raises DistNetworkError / DistStoreError, both RuntimeErrors
             address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             raise ProcessGroupError(
-                f"cannot form the process group at {address} (rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
+                f"cannot form the process group at {address} "
+                f"(rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
                 f"{str(exc).splitlines()[0]}. Is another run using that port? Pick a free one with --master_port "
                 f"(deepspeed) or MASTER_PORT."
             ) from exc
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU with bf16 arithmetic (compute capability 8.0 and up). torch's own
+    check counts emulation too, under which bf16 autocast runs but slower than fp32."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(precision: str, device: torch.device, strict: bool = False) -> str:
+    """``auto`` is bf16 on a GPU with native bf16 and fp32 elsewhere. An explicit bf16 on a GPU without
+    it trains in fp32 after a warning, or raises FallbackError with ``strict`` (engine.strict)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        message = "engine.precision=bf16, but this GPU has no native bf16 (compute capability below 8.0)"
+        if strict:
+            raise FallbackError(f"{message}; engine.strict forbids falling back to fp32")
+        warnings.warn(f"{message}: training in fp32 instead")
+        return "fp32"
     return precision
 
 
@@ -90,21 +106,12 @@ def micro_batch_size(cfg, world_size: int) -> int:
     accum = cfg.engine.grad_accum_steps
     if cfg.train.batch_size % (world_size * accum):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} rank(s) x "
-                         f"{accum} accumulated micro-batch(es)")
+                          f"{accum} accumulated micro-batch(es)")
     return cfg.train.batch_size // (world_size * accum)
 
 
-def check_engine_options(cfg, device: torch.device) -> None:
-    """Refuse the combinations that would fail late or silently compute something else."""
-    stage, optimizer = cfg.engine.zero_stage, cfg.train.optimizer.name
-    if stage == 3:
-        raise ConfigError("engine.zero_stage=3 partitions parameters, which breaks GradCAM's autograd.grad on layer4: "
-                         "use zero_stage 0, 1 or 2")
-    if stage in (1, 2) and optimizer == "lars_simclr":
-        raise ConfigError(
-            f"engine.zero_stage={stage} hands LARS one flattened partition, so its per-layer trust ratios would be "
-            "computed over a whole shard of the model: use zero_stage 0 with lars_simclr, or train.optimizer.name sgd / adamw"
-        )
+def check_device_options(cfg, device: torch.device) -> None:
+    """The checks that need the device (the config's own are in ``config.validate``)."""
     if cfg.engine.sync_bn and device.type != "cuda":
         raise ConfigError(f"engine.sync_bn needs CUDA (torch's SyncBatchNorm); this run is on {device.type}")
 

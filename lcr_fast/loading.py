@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
+from . import errors
 from .checkpoint import safe_load
 from .compat import SIGNATURES, CheckpointMismatchError, load_reference_checkpoint, load_state_strict
 from .config import Config, load_config
+from .errors import InputError
 
 
 def without_pretrained(config: dict) -> Config:
@@ -15,8 +18,8 @@ def without_pretrained(config: dict) -> Config:
     return load_config(None, {**config, "model": {**config["model"], "pretrained": "none"}})
 
 
-def load_model(path: str | os.PathLike, method: str | None = None, config: Config | dict | None = None,
-               trust_file: bool = False) -> tuple[nn.Module, Config]:
+def load_model(path: str | os.PathLike, method: str | None = None,
+               config: Config | dict | None = None) -> tuple[nn.Module, Config]:
     """(model, config) from ``path``.
 
     Our training checkpoints carry their config, which is used as saved; a ``method`` that differs
@@ -26,7 +29,7 @@ def load_model(path: str | os.PathLike, method: str | None = None, config: Confi
     from .models import build_model
 
     path = os.fspath(path)
-    raw = safe_load(path, trust_file=trust_file)
+    raw = safe_load(path)
     if isinstance(raw, dict) and raw.get("format") == "lcr-fast/1":
         saved = without_pretrained(raw["config"])
         if method is not None and saved.model.name != method:
@@ -35,7 +38,34 @@ def load_model(path: str | os.PathLike, method: str | None = None, config: Confi
         load_state_strict(model, raw["model"], path)
         return model, saved
     if method is None:
-        raise ValueError(f"{path!r} is not an lcr-fast checkpoint: say which method it holds ({' or '.join(SIGNATURES)})")
+        raise ValueError(f"{path!r} is not an lcr-fast checkpoint: say which method it holds "
+                         f"({' or '.join(SIGNATURES)})")
     cfg = without_pretrained(config) if config is not None else None
-    model = load_reference_checkpoint(path, method, config=cfg, trust_file=trust_file)
+    model = load_reference_checkpoint(path, method, config=cfg)
     return model, cfg if cfg is not None else load_config(None, {"model": {"name": method, "pretrained": "none"}})
+
+
+def load_for_eval(ckpt: str, method: str | None = None, config_path: str | None = None) -> tuple[nn.Module, Config]:
+    """(model, config) for the evaluation commands: ``load_model`` with a YAML ``config_path`` for
+    reference files; ``method`` defaults to that YAML's model.name. Input problems raise one of
+    lcr_fast.errors.USER_ERRORS."""
+    config = load_config(config_path) if config_path is not None else None
+    method = method or (config.model.name if config is not None else None)
+    try:
+        return load_model(ckpt, method, config.to_dict() if config is not None else None)
+    except errors.USER_ERRORS:  # looked up at call time: USER_ERRORS is built lazily
+        raise
+    except ValueError as exc:  # e.g. a reference file without a method
+        raise InputError(str(exc)) from exc
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` ("cuda", "cuda:1", "cpu") as a torch.device (default: CUDA when available); InputError
+    for a name torch does not know or CUDA asked for where there is none."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise InputError(f"unknown --device {name!r} ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} asked for, but CUDA is not available")
+    return device

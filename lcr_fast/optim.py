@@ -55,7 +55,8 @@ class LARS(Optimizer):
                     grad.add_(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
                     # torch.where instead of the reference's Python `if` keeps the step free of host syncs.
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coef"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coef"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
                     update = (group["lr"] * trust) * grad
                 else:
                     update = group["lr"] * grad
@@ -104,15 +105,24 @@ class WarmupCosineSchedule:
     ``lr(step)`` is the rate optimizer step ``step`` (0-based) runs at. The reference advances its
     scheduler after each step, so its first step runs at the optimizer's initial (un-warmed) rate
     and step i >= 1 at schedule[i-1]; ``warmup_first_step`` makes step i run at schedule[i].
+
+    ``section`` names the config section read: ``train`` (pre-training, batch scaling per
+    ``train.scale_lr``) or ``eval`` (the linear evaluation, whose rates the reference always scales
+    by ``eval.batch_size / 256``).
     """
 
-    def __init__(self, cfg, steps_per_epoch: int):
-        t = cfg.train
+    def __init__(self, cfg, steps_per_epoch: int, section: str = "train"):
+        t = cfg[section]
+        scaled = section == "eval" or cfg.train.scale_lr
+
+        def scale(lr: float) -> float:
+            return scaled_lr(lr, t.batch_size) if scaled else lr
+
         warmup = steps_per_epoch * t.warmup_epochs
         decay = steps_per_epoch * (t.num_epochs - t.warmup_epochs)
-        base, final = configured_lr(cfg, t.base_lr), configured_lr(cfg, t.final_lr)
+        base, final = scale(t.base_lr), scale(t.final_lr)
         cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(decay) / decay))
-        self.schedule = np.concatenate((np.linspace(configured_lr(cfg, t.warmup_lr), base, warmup), cosine))
+        self.schedule = np.concatenate((np.linspace(scale(t.warmup_lr), base, warmup), cosine))
         self.base_lr = base
         self.shift = 0 if cfg.fixes.warmup_first_step else 1
 

@@ -21,7 +21,8 @@ class ReferenceResNet(tvm.ResNet):
     """torchvision's ResNet with fc removed; ``maxpool=False`` skips the stem max-pool as ``cub_resnet_1`` does."""
 
     def __init__(self, arch: str = "resnet50", maxpool: bool = False):
-        block, layers = {"resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3]), "resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2])}[arch]
+        block, layers = {"resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3]),
+                         "resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2])}[arch]
         super().__init__(block, layers)
         self.output_dim = self.fc.in_features
         self.fc = nn.Identity()
@@ -40,7 +41,8 @@ class ReferenceResNet(tvm.ResNet):
 class ReferenceMLP(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 4096, out: int = 256):
         super().__init__()
-        self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden, eps=1e-5, momentum=0.1), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden, eps=1e-5, momentum=0.1),
+                                    nn.ReLU(inplace=True))
         self.layer2 = nn.Linear(hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,8 @@ class ReferenceBYOL(nn.Module):
         return {"loss": loss, "attmap": att, "gradcam": gradcam}
 
 
-def reference_total_loss(out: dict[str, torch.Tensor], t: float = 0.4, weight: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_total_loss(out: dict[str, torch.Tensor], t: float = 0.4,
+                         weight: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``main.py``'s loss: BYOL loss + weight * KL(softmax(cam/t) || softmax(att/t)), reduction sum."""
     cam = (out["gradcam"].reshape(out["gradcam"].shape[0], -1) / t).float()
     att = (out["attmap"].reshape(out["attmap"].shape[0], -1) / t).float()
@@ -100,7 +103,8 @@ def reference_total_loss(out: dict[str, torch.Tensor], t: float = 0.4, weight: f
 class ReferenceLARS(torch.optim.Optimizer):
     """``lars_simclr`` as the reference runs it: the velocity it reads is never written, so momentum is 0."""
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1.5e-6, trust_coef: float = 1e-3):
+    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1.5e-6,
+                 trust_coef: float = 1e-3):
         base, exclude = [], []
         for module in model.modules():
             if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
@@ -145,7 +149,8 @@ class ReferenceSchedule:
         return lr
 
 
-def reference_train_step(model: ReferenceBYOL, optimizer, scheduler: ReferenceSchedule, x1: torch.Tensor, x2: torch.Tensor) -> dict:
+def reference_train_step(model: ReferenceBYOL, optimizer, scheduler: ReferenceSchedule, x1: torch.Tensor,
+                         x2: torch.Tensor) -> dict:
     """One iteration of ``main.py``'s loop."""
     model.zero_grad()
     out = model(x1, x2)

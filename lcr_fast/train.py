@@ -1,15 +1,18 @@
-"""Train BYOL or MoCo v2 with the LCR rationale branch; evaluate by kNN and retrieval.
+"""Train BYOL or MoCo v2 with the LCR rationale branch; evaluate by kNN and retrieval and, for BYOL, by
+the linear evaluation the reference's main.py runs after training.
 
 One GPU, several, or the CPU (gloo), always through DeepSpeed:
 
     deepspeed lcr_fast/train.py -c configs/byol_cub200.yaml --data_dir /data/CUB_200_2011 \
         --log_dir runs/cub --ckpt_dir runs/cub/ckpt
     deepspeed --num_gpus 8 lcr_fast/train.py -c configs/byol_cub200.yaml --data_dir ... train.batch_size=256
-    python lcr_fast/train.py -c configs/demo.yaml --data_dir data/synthetic --log_dir runs/demo --ckpt_dir runs/demo/ckpt
-    python lcr_fast/train.py ... --resume                        # continue from <ckpt_dir>/last.pt
+    python lcr_fast/train.py -c configs/demo.yaml --data_dir data/synthetic --log_dir runs/demo \
+        --ckpt_dir runs/demo/ckpt
+    python lcr_fast/train.py ... --resume              # continue from <ckpt_dir>/last.pt; starts fresh if there is none
     python lcr_fast/train.py ... --eval_from runs/cub/ckpt/last.pt   # evaluate only (ours or a reference .pth)
 
-Trailing ``section.key=value`` arguments override the config (``train.stop_at_epoch=2``).
+Trailing ``section.key=value`` arguments override the config (``train.stop_at_epoch=2``). The step
+itself (EMA, forward, objective, backward) and the epoch around it are in ``lcr_fast/loop.py``.
 """
 from __future__ import annotations
 
@@ -24,110 +27,64 @@ if __package__ in (None, ""):
 import argparse
 import contextlib
 import random
-import signal
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from lcr_fast import engine as eng
-from lcr_fast.checkpoint import (CheckpointLockError, CheckpointWriteError, UnsafeCheckpointError, check_writable,
-                                 load_training_checkpoint, run_lock, save_training_checkpoint, set_rng_state)
-from lcr_fast.compat import CheckpointMismatchError, export_reference_checkpoint, load_state_strict
-from lcr_fast.config import Config, ConfigError, load_config, recipe_for, save_config
-from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
+from lcr_fast import selfcheck
+from lcr_fast.checkpoint import (check_checkpoint_file, check_writable, load_training_checkpoint, run_lock,
+                                 save_training_checkpoint, set_rng_state)
+from lcr_fast.compat import export_reference_checkpoint, load_state_strict
+from lcr_fast.config import Config, ConfigError, load_config, packaged_configs, recipe_for, save_config
+from lcr_fast.data import (DatasetError, FolderIndex, build_eval_loader, build_train_loader, check_hold_out,
+                           check_same_classes, checked_loader, hold_out, scan_split)
+from lcr_fast.errors import run_cli
 from lcr_fast.eval.features import evaluate
+from lcr_fast.eval.linear import linear_eval_lcr
 from lcr_fast.loading import load_model
+from lcr_fast.loop import EpochContext, NonFiniteWatch, RunState, StepParts, StopRequest, run_epoch
 from lcr_fast.models import build_model, compile_backbones
-from lcr_fast.models.moco import check_queue_size
 from lcr_fast.optim import build_optimizer, build_schedule
-from lcr_fast.report import plot_curves, write_report
+from lcr_fast.results import plot_curves, training_summary, write_training_report
 from lcr_fast.run_log import RunLog
 from lcr_fast.visualize import pick_images, rationale_maps, write_heatmaps
 
 
-LOSS_TERMS = ("loss", "ssl_loss", "rationale_loss")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; training stops before writing another checkpoint."""
-
-
-class NonFiniteWatch:
-    """Remembers, on the device and without a host sync, the first step whose loss terms are not all
-    finite; ``check()`` (at log intervals and before every checkpoint) raises naming that step."""
-
-    def __init__(self, device: torch.device):
-        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.terms = torch.zeros(len(LOSS_TERMS), device=device)
-
-    def update(self, step: int, out: dict) -> None:
-        terms = torch.stack([out[k].detach().float() for k in LOSS_TERMS])
-        new = (~torch.isfinite(terms).all()) & (self.first_step < 0)
-        self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
-        self.terms = torch.where(new, terms, self.terms)
-
-    def check(self) -> None:
-        step = int(self.first_step)
-        if step >= 0:
-            values = ", ".join(f"{k} {v:.4g}" for k, v in zip(LOSS_TERMS, self.terms.tolist()))
-            raise NonFiniteLossError(f"non-finite loss at optimizer step {step} ({values}); training stopped and the "
-                                     "last checkpoint was left as it was")
-
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (a host sync; only engine.on_nonfinite=skip pays it)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-class StopRequest:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at a step boundary with a checkpoint
-    it can resume from exactly: the next step in one process; with several ranks the next log-interval
-    step, whose host sync the agreement rides on."""
-
-    def __init__(self):
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note)
-
-    def _note(self, signum, _frame) -> None:
-        self.received = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a signal. With several ranks it is a collective,
-        called at the same steps on all of them; alone it costs nothing."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train BYOL / MoCo v2 with LCR.", epilog="Trailing section.key=value arguments override the config.")
-    p.add_argument("-c", "--config-file", required=True, help="YAML config (the reference's files work unchanged)")
+    p = argparse.ArgumentParser(description="Train BYOL / MoCo v2 with LCR.",
+                                epilog="Trailing section.key=value arguments override the config.")
+    p.add_argument("-c", "--config-file", help="YAML config (the reference's files work unchanged), or the name of "
+                                              "a packaged one (byol_cub200, ...)")
+    p.add_argument("--list-configs", action="store_true", help="list the packaged configs and exit")
     p.add_argument("--data_dir", default=os.getenv("DATA"), help="ImageFolder root with train/ and test/ (env DATA)")
     p.add_argument("--log_dir", default=os.getenv("LOG"), help="where logs and results go (env LOG)")
     p.add_argument("--ckpt_dir", default=os.getenv("CHECKPOINT"), help="where checkpoints go (env CHECKPOINT)")
     p.add_argument("--hide_progress", action="store_true", help="no progress bars")
-    p.add_argument("--eval_from", default=None, help="evaluate this checkpoint (ours or the reference's) instead of training")
+    p.add_argument("--eval_from", default=None,
+                   help="evaluate this checkpoint (ours or the reference's) instead of training")
     p.add_argument("--debug", action="store_true", help="tiny run: batch 2, one epoch, 8 images")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint (default <ckpt_dir>/last.pt)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (default <ckpt_dir>/last.pt, or a fresh start when there is none)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
+    if args.list_configs:
+        for name, path in packaged_configs().items():
+            print(f"{name:20s} {path}")
+        p.exit()
+    if args.config_file is None:
+        p.error("the following arguments are required: -c/--config-file")
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.stop_at_epoch=200`: argparse hands the override to the optional PATH.
         args.overrides.insert(0, args.resume)
         args.resume = "auto"
     missing = [name for name in ("data_dir", "log_dir", "ckpt_dir") if getattr(args, name) is None]
     if missing:
-        p.error(f"missing {', '.join('--' + m for m in missing)} (or the DATA / LOG / CHECKPOINT environment variables)")
+        p.error(f"missing {', '.join('--' + m for m in missing)} "
+                "(or the DATA / LOG / CHECKPOINT environment variables)")
     return args
 
 
@@ -136,44 +93,293 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.debug:
         # As the reference's --debug: a couple of tiny steps to check that everything runs.
         overrides += ["train.batch_size=2", "train.num_epochs=1", "train.stop_at_epoch=1", "train.warmup_epochs=0",
-                      "dataset.num_workers=0", "eval.batch_size=2"]
-    cfg = load_config(args.config_file, overrides)
+                      "dataset.num_workers=0"]
+    return load_config(args.config_file, overrides)
+
+
+@dataclass
+class Inputs:
+    """The run's inputs, checked before any process group or model exists."""
+
+    train_index: FolderIndex  # what the run trains on: train/ without the validation images
+    test_index: FolderIndex
+    resume: dict | None  # the training checkpoint to continue from
+    resume_path: str | None
+    val_index: FolderIndex | None = None  # data.val_per_class images per class held out of train/
+
+
+def check_validation_split(cfg: Config, train_index: FolderIndex, resume: dict | None) -> None:
+    """``data.val_per_class`` can be held out of train/, and a resumed run holds out what it held out
+    before: the same count and the same seed, or images it trained on would be validated on."""
+    if cfg.data.val_per_class:
+        check_hold_out(train_index, cfg.data.val_per_class)
+    if resume is None:
+        return
+    before = resume["config"]["data"].get("val_per_class", 0), resume["config"]["seed"]
+    if (before[0] or cfg.data.val_per_class) and before != (cfg.data.val_per_class, cfg.seed):
+        raise ConfigError(f"data.val_per_class={cfg.data.val_per_class} with seed {cfg.seed} differs from the resumed "
+                          f"run's {before[0]} with seed {before[1]}: the validation split would mix with what it "
+                          "trained on; resume with the same values")
+
+
+def split_validation(args: argparse.Namespace, cfg: Config, inputs: Inputs) -> None:
+    """Hold ``data.val_per_class`` images per class of train/ out of training, drawn with the run's
+    seed (the same on every rank by then), into ``inputs.val_index``."""
+    inputs.train_index, inputs.val_index = hold_out(inputs.train_index, cfg.data.val_per_class, cfg.seed)
+    if args.debug:
+        for index in (inputs.train_index, inputs.val_index):
+            index.samples = index.samples[:8]
+
+
+def check_inputs(args: argparse.Namespace, cfg: Config) -> Inputs:
+    """Every check that needs only the config, the data folders or a file: bad input fails in seconds."""
+    train_index, test_index = scan_split(args.data_dir, "train"), scan_split(args.data_dir, "test")
+    check_same_classes(train_index, test_index)
+    pretrained = cfg.model.pretrained
+    if pretrained not in ("imagenet", "none") and not args.eval_from and not os.path.isfile(pretrained):
+        raise ConfigError(f"model.pretrained file {pretrained!r} does not exist (or use imagenet / none)")
+    check_writable(args.log_dir, "logs and results")
+    resume = path = None
+    if args.eval_from:
+        check_checkpoint_file(args.eval_from)
+    else:
+        check_writable(args.ckpt_dir)
+        path = args.resume
+        if path == "auto":
+            path = os.path.join(args.ckpt_dir, "last.pt")
+            if not os.path.exists(path):
+                print(f"--resume: no checkpoint at {path} yet; starting a fresh run")
+                path = None
+        resume = load_training_checkpoint(path) if path else None
     if cfg.seed is None:
-        cfg["seed"] = random.SystemRandom().randrange(2**31)  # recorded, so every run can be repeated
-    return cfg
+        # seed: null draws one, recorded so that the run can be repeated; a resumed run keeps the one it drew.
+        cfg["seed"] = resume["config"]["seed"] if resume is not None else random.SystemRandom().randrange(2**31)
+    validating = cfg.data.val_per_class and not args.eval_from
+    if not args.eval_from:
+        check_validation_split(cfg, train_index, resume)
+    held = cfg.data.val_per_class * len(train_index.classes) if validating else 0
+    if args.debug:
+        test_index.samples = test_index.samples[:8]
+        if not validating:  # else split_validation cuts both parts once the split is drawn
+            train_index.samples = train_index.samples[:8]
+    if len(train_index) - held < cfg.train.batch_size and not args.eval_from:
+        also = f" ({held} of them held out by data.val_per_class)" if held else ""
+        raise DatasetError(f"{str(train_index.root)!r} has {len(train_index)} images{also}, fewer than one batch "
+                           f"(train.batch_size={cfg.train.batch_size}): lower the batch size")
+    return Inputs(train_index, test_index, resume, path)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
+    """Join the process group, then what needs the device: its checks, the precision and the seeds."""
+    os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
+    info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
+    if info.world_size > 1:
+        # With seed: null every process drew its own; rank 0's is the run's, so that all ranks read one
+        # permutation of the data and hold out the same validation images.
+        seed = torch.tensor([cfg.seed], dtype=torch.long, device=info.device)
+        dist.broadcast(seed, src=0)
+        cfg["seed"] = int(seed)
+    eng.check_device_options(cfg, info.device)
+    eng.micro_batch_size(cfg, info.world_size)
+    seed = cfg.seed + info.rank
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
+    if cfg.engine.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not cfg.engine.deterministic
+    return info
 
 
-def index_splits(data_dir: str, debug: bool):
-    """Index and check both splits; runs before any process group or model exists, so bad data fails in seconds."""
-    train_index = scan_split(data_dir, "train")
-    test_index = scan_split(data_dir, "test")
-    check_same_classes(train_index, test_index)
-    if debug:
-        train_index.samples, test_index.samples = train_index.samples[:8], test_index.samples[:8]
-    return train_index, test_index
+def eval_loaders(cfg: Config, args: argparse.Namespace, inputs: Inputs, info: eng.DistInfo, backend: str) -> tuple:
+    """(training images as the kNN bank, test split, validation images or None) in evaluation
+    transforms, and their data path: the first from ``backend`` (a data.backend or a path) that runs here."""
+    batch = cfg.data.eval_batch_size or cfg.train.batch_size // info.world_size
+    threads, size = cfg.dataset.num_workers, cfg.dataset.image_size
+    loaders = []
+    # The validation images are files of train/, held out of the training index.
+    for split, index in (("train", inputs.train_index), ("test", inputs.test_index), ("train", inputs.val_index)):
+        if index is None:
+            loaders.append(None)
+            continue
+        loader, backend = checked_loader(lambda path: build_eval_loader(args.data_dir, split, batch, size, path,
+                                                                        info.device, threads, index=index),
+                                         backend, info.device, cfg.engine.strict)
+        loaders.append(loader)
+    return (*loaders, backend)
 
 
-def build_data(cfg: Config, data_dir: str, train_index, test_index, info: eng.DistInfo):
+@dataclass
+class Run:
+    """Everything a training run holds after set-up."""
+
+    args: argparse.Namespace
+    cfg: Config
+    info: eng.DistInfo
+    inputs: Inputs
+    parts: StepParts
+    state: RunState
+    ctx: EpochContext
+    memory_loader: object
+    test_loader: object
+    precision: str
+    components: selfcheck.Components
+    val_loader: object = None  # the held-out validation images (data.val_per_class), else None
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.args.ckpt_dir, "last.pt")
+
+    @property
+    def knn_k(self) -> int:
+        return min(self.cfg.train.knn_k, len(self.inputs.train_index))
+
+
+def build_engine(cfg: Config, info: eng.DistInfo, precision: str, resume: dict | None = None,
+                 resume_path: str | None = None):
+    """Model, optimizer and DeepSpeed engine, restored from the training checkpoint ``resume`` (read
+    from ``resume_path``) when given; returns (model, engine, optimizer, state). The benchmarks build
+    theirs here too."""
+    model = build_model(cfg)
+    if cfg.engine.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(info.device)
+    optimizer = build_optimizer(cfg, model)
+    state, ckpt = RunState(), resume
+    if ckpt is not None:
+        load_state_strict(model, ckpt["model"], resume_path)
+        if ckpt["optimizer"] is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        elif cfg.engine.zero_stage == 0:
+            raise ConfigError(f"{resume_path} was written under ZeRO (its optimizer state is partitioned by rank): "
+                              "resume it with the engine.zero_stage it was trained with")
+        state = RunState.from_checkpoint(ckpt)
+        set_rng_state(ckpt["rng"])
+    if cfg.model.name == "moco":
+        model.broadcast_queue()
+    engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
+    if ckpt is not None and ckpt["optimizer"] is None:
+        eng.load_zero_state(engine, os.path.dirname(resume_path), ckpt["extra"]["zero_tag"])
+    if cfg.engine.channels_last and cfg.engine.zero_stage == 0:
+        # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
+        # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
+        # ZeRO 1/2 keep every weight a view of their flat buffer and reduce gradients with view(-1), so
+        # there the weights stay contiguous and only the activations are channels_last: convolutions
+        # still run channels_last (the input decides), and autograd hands each weight a gradient
+        # strided like the weight itself.
+        model.to(memory_format=torch.channels_last)
+    compile_backbones(model, cfg.engine.compile)
+    return model, engine, optimizer, state
+
+
+def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: Inputs,
+           components: selfcheck.Components) -> Run:
+    """Loaders (on the first data path that runs here), model and engine (its compiled trunks checked),
+    the step's parts and the run's log; ``components`` gets the data path and the compile path."""
+    precision, accum = components.precision, cfg.engine.grad_accum_steps
     micro = eng.micro_batch_size(cfg, info.world_size)
-    eval_batch = cfg.data.eval_batch_size or cfg.train.batch_size // info.world_size
-    threads, size, backend = cfg.dataset.num_workers, cfg.dataset.image_size, cfg.data.backend
-    train = build_train_loader(data_dir, recipe_for(cfg), micro, size, backend, info.device, threads, cfg.seed,
-                               info.rank, info.world_size, index=train_index, micro_batches=cfg.engine.grad_accum_steps)
-    memory = build_eval_loader(data_dir, "train", eval_batch, size, backend, info.device, threads, index=train_index)
-    test = build_eval_loader(data_dir, "test", eval_batch, size, backend, info.device, threads, index=test_index)
-    return train, memory, test
+    train_loader, components.data = checked_loader(
+        lambda path: build_train_loader(args.data_dir, recipe_for(cfg), micro, cfg.dataset.image_size, path,
+                                        info.device, cfg.dataset.num_workers, cfg.seed, info.rank, info.world_size,
+                                        index=inputs.train_index, micro_batches=accum),
+        cfg.data.backend, info.device, cfg.engine.strict)
+    memory_loader, test_loader, val_loader, _ = eval_loaders(cfg, args, inputs, info, components.data)
+    model, engine, optimizer, state = build_engine(cfg, info, precision, inputs.resume, inputs.resume_path)
+    components.compile = selfcheck.check_compile(model, cfg.engine.compile, micro, cfg.dataset.image_size,
+                                                 cfg.engine.channels_last, precision, info.device, cfg.engine.strict)
+    if inputs.resume is not None and info.is_main:
+        print(f"resumed from {inputs.resume_path}: epoch {state.epoch}, step {state.step}"
+              + (f" ({state.epoch_step} into the epoch)" if state.epoch_step else ""))
+    schedule = build_schedule(cfg, len(train_loader) // accum)
+    parts = StepParts(engine, model, optimizer, schedule, info.world_size * accum, cfg.engine.channels_last,
+                      skip_nonfinite=cfg.engine.on_nonfinite == "skip")
+    log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
+    if info.is_main:
+        save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
+        components.write(args.log_dir)
+    watch = NonFiniteWatch(info.device, model.rationale_weight)
+    ctx = EpochContext(train_loader, log, watch, StopRequest(), info.device,
+                       info.world_size, cfg.train.batch_size, cfg.engine.log_interval, cfg.train.num_epochs,
+                       stop_on_nonfinite=cfg.engine.on_nonfinite == "stop",
+                       show_progress=info.is_main and not args.hide_progress)
+    return Run(args, cfg, info, inputs, parts, state, ctx, memory_loader, test_loader, precision, components,
+               val_loader)
+
+
+def write_checkpoint(run: Run) -> None:
+    """Rank 0 writes last.pt; under ZeRO every rank first writes its optimizer partition through the
+    engine, and last.pt names it."""
+    zero = run.cfg.engine.zero_stage > 0
+    extra = run.state.extra()
+    folder = os.path.dirname(run.ckpt_path)
+    if zero:
+        extra["zero_tag"] = eng.save_zero_state(run.parts.engine, folder, run.state.step)
+    if run.info.is_main:
+        save_training_checkpoint(run.ckpt_path, run.parts.model, None if zero else run.parts.optimizer,
+                                 run.state.epoch, run.state.step, run.cfg.to_dict(), extra)
+        if zero:
+            eng.remove_stale_zero_states(folder, extra["zero_tag"])
+    eng.barrier()
+
+
+def evaluate_epoch(run: Run, epoch: int) -> None:
+    """The kNN monitor and retrieval on the epochs their intervals select (rank 0), into the history.
+    With a validation split both run on it and on the test split at every such epoch: the test
+    figures of the epoch the validation selects are then known without a second pass."""
+    train, validating = run.cfg.train, run.val_loader is not None
+    knn_due = train.knn_monitor and epoch % train.knn_interval == 0
+    retrieval_due = bool(train.retrieval_interval) and epoch % train.retrieval_interval == 0
+    if not (knn_due or retrieval_due) or not run.info.is_main:
+        return
+    scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, train.knn_t,
+                      retrieval=retrieval_due or validating, progress=run.ctx.show_progress,
+                      autocast=eng.autocast(run.precision, run.info.device), val_loader=run.val_loader)
+    entry = {"epoch": epoch, **({"knn_top1": scores["knn_top1"]} if knn_due or validating else {}),
+             **scores.get("retrieval", {})}
+    if validating:
+        entry["validation"] = scores["validation"]
+    run.state.history.append(entry)
+    run.ctx.log.log(run.state.step, **{k: v for k, v in entry.items() if k != "validation"},
+                    **{f"val_{k}": v for k, v in entry.get("validation", {}).items()})
+    if run.ctx.show_progress:
+        shown = [f"kNN top-1 {entry['knn_top1']:.2f}%"] if "knn_top1" in entry else []
+        shown += [f"{k} {100 * entry[k]:.2f}" for k in ("rank1", "rank5", "mAP") if k in entry]
+        shown += [f"validation mAP {100 * entry['validation']['mAP']:.2f}"] if validating else []
+        print(f"epoch {epoch}: " + ", ".join(shown))
+
+
+def evaluate_untrained(run: Run) -> None:
+    """kNN and retrieval of the initial weights (ImageNet or random) on rank 0, before the first step,
+    so that every report shows what training added. Draws nothing from the run's random streams."""
+    if not run.info.is_main:
+        return
+    with torch.random.fork_rng(devices=[]):
+        scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, run.cfg.train.knn_t,
+                          progress=run.ctx.show_progress, autocast=eng.autocast(run.precision, run.info.device))
+    run.state.untrained = {"knn_top1": scores["knn_top1"], **scores["retrieval"]}
+    run.ctx.log.log(0, untrained=True, **run.state.untrained)
+    if run.ctx.show_progress:
+        print(f"untrained: kNN top-1 {scores['knn_top1']:.2f}%, mAP {100 * scores['retrieval']['mAP']:.2f}")
+
+
+def train_epochs(run: Run) -> bool:
+    """Epochs from the resumed state to ``train.stop_at_epoch``, a checkpoint after each; True when a
+    stop signal ended the run early (with a checkpoint to resume from)."""
+    if run.state.step == 0 and run.state.epoch_step == 0 and run.state.untrained is None:
+        evaluate_untrained(run)
+    for epoch in range(run.state.epoch, run.cfg.train.stop_at_epoch):
+        run.state.epoch = epoch
+        if run_epoch(run.parts, run.state, run.ctx):
+            write_checkpoint(run)
+            return True
+        evaluate_epoch(run, epoch)
+        run.ctx.watch.check()
+        run.state.epoch, run.state.epoch_step = epoch + 1, 0
+        write_checkpoint(run)
+        if epoch + 1 < run.cfg.train.stop_at_epoch and run.ctx.stop.agreed(run.info.device):
+            return True
+    return False
 
 
 def best_over_epochs(history: list[dict]) -> dict:
@@ -188,265 +394,154 @@ def best_over_epochs(history: list[dict]) -> dict:
     return best
 
 
-def format_results(results: dict) -> str:
-    lines = [f"skipped {results['skipped_steps']} step(s) with a non-finite loss"] if results.get("skipped_steps") else []
-    for key, label in (("retrieval", "rationale features"), ("retrieval_gap", "GAP features")):
-        if key in results:
-            r = results[key]
-            lines.append(f"retrieval ({label}): rank-1 {100 * r['rank1']:.2f}  rank-5 {100 * r['rank5']:.2f}  mAP {100 * r['mAP']:.2f}")
-    if results.get("retrieval_best"):
-        best = results["retrieval_best"]
-        lines.append("best over epochs (selected on the test split): " + "  ".join(
-            f"{k} {100 * v['value']:.2f} (epoch {v['epoch']})" for k, v in best.items()))
-    if "knn_top1" in results:
-        lines.append(f"kNN top-1 (k={results.get('knn_k')}, GAP features): {results['knn_top1']:.2f}")
-    return "\n".join(lines)
+def select_on_validation(history: list[dict], last: dict) -> dict:
+    """The epoch of best validation mAP (the earliest of equals; ``last``, the final evaluation,
+    counts as the last epoch) with its validation and test figures: model selection that never
+    looks at the test split."""
+    scored = [h for h in history if "validation" in h]
+    if not scored or scored[-1]["epoch"] != last["epoch"]:
+        scored.append(last)
+    best = max(scored, key=lambda h: h["validation"]["mAP"])
+    return {"epoch": best["epoch"], "validation": best["validation"],
+            "test": {k: best[k] for k in ("knn_top1", "rank1", "rank5", "mAP") if k in best}}
 
 
-def write_checkpoint(path: str, engine, model, optimizer, epoch: int, step: int, cfg: Config, extra: dict,
-                     info: eng.DistInfo) -> None:
-    """Rank 0 writes ``path``; under ZeRO every rank first writes its optimizer partition through the
-    engine, and last.pt names it."""
-    zero = cfg.engine.zero_stage > 0
-    if zero:
-        extra = {**extra, "zero_tag": eng.save_zero_state(engine, os.path.dirname(path), step)}
-    if info.is_main:
-        save_training_checkpoint(path, model, None if zero else optimizer, epoch, step, cfg.to_dict(), extra)
-        if zero:
-            eng.remove_stale_zero_states(os.path.dirname(path), extra["zero_tag"])
+PRETRAINED_WORDS = {"imagenet": "torchvision's ImageNet weights", "none": "random initialisation"}
+
+
+def linear_eval_model(cfg: Config, trained: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model BYOL's end-of-run linear evaluation classifies the features of, and which weights it
+    holds, in words. The reference's ``linear_cub_eval.py`` builds a fresh model and never loads the
+    checkpoint it was handed (its load line is commented out): the backbone of ``model.pretrained``
+    and an untrained rationale detector, drawn here from ``seed``. ``fixes.linear_eval_trained_weights``
+    takes the trained model instead."""
+    if cfg.fixes.linear_eval_trained_weights:
+        return trained, "the trained weights (the run's final model; fixes.linear_eval_trained_weights)"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        fresh = build_model(cfg)
+    start = PRETRAINED_WORDS.get(cfg.model.pretrained, f"the weights of {cfg.model.pretrained}")
+    return fresh.to(device), (f"not the trained weights: a fresh model (backbone from {start}, untrained rationale "
+                              "detector), as the reference's linear evaluation, which never loads its checkpoint")
+
+
+def end_of_run_linear_eval(run: Run) -> dict:
+    """BYOL's linear evaluation after training, as the reference's ``main.py`` runs it when the config's
+    ``eval`` is not False (rank 0; on the images the run trained on); otherwise why it did not run."""
+    cfg = run.cfg
+    if cfg.model.name != "byol":
+        return {"skipped": "the reference's MoCo (main_moco.py) runs no linear evaluation after training; "
+                           "lcr-eval --protocol linear --linear_protocol reference runs its main_lincls.py"}
+    if cfg.eval is False:
+        return {"skipped": "the config's eval is false"}
+    model, weights = linear_eval_model(cfg, run.parts.model, run.info.device)
+    result = linear_eval_lcr(model, run.inputs.train_index, run.inputs.test_index, cfg, run.info.device,
+                             autocast=eng.autocast(run.precision, run.info.device), progress=run.ctx.show_progress)
+    return {**result, "weights": weights}
+
+
+def heatmap_inputs(run: Run) -> tuple | None:
+    """(images, class names, maps) for the heatmap figure, computed on every rank: MoCo's forward
+    gathers keys across ranks, so all of them run it while rank 0 draws."""
+    if not run.cfg.logger.matplotlib:
+        return None
+    count = 8
+    if run.cfg.model.name == "moco":  # the keys of every rank's images must fill the queue in whole batches
+        count = max(n for n in range(1, count + 1) if run.cfg.model.moco_k % (n * run.info.world_size) == 0)
+    images, titles = pick_images(run.inputs.test_index, count, run.cfg.dataset.image_size)
+    return images, titles, rationale_maps(run.parts.model, images)
+
+
+def finish(run: Run) -> dict:
+    """After the last epoch: the reference-format export, the final evaluation and the report (rank 0)."""
+    cfg, state, model = run.cfg, run.state, run.parts.model
+    rates = run.ctx.rates
+    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": state.step, "knn_k": run.knn_k,
+                     "knn_t": cfg.train.knn_t, "history": state.history, "final_losses": run.ctx.last_losses,
+                     "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None,
+                     "skipped_steps": state.skipped, "untrained": state.untrained,
+                     "num_classes": len(run.inputs.test_index.classes), "components": run.components.to_dict(),
+                     "config": cfg.to_dict()}
+    pictures = heatmap_inputs(run)
+    # The last collective. Rank 0 carries on alone, and the other ranks end here rather than wait for it
+    # in a barrier that its linear evaluation could outlast (engine.dist_timeout_s).
     eng.barrier()
+    if run.info.is_main:
+        reference_path = os.path.join(run.args.ckpt_dir, f"{cfg.name}_reference.pth")
+        export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
+        results["checkpoint"], results["reference_checkpoint"] = run.ckpt_path, reference_path
+        validating = run.val_loader is not None
+        retrieval = (cfg.eval is not False and cfg.eval.retrieval) or validating
+        results.update(evaluate(model, run.memory_loader, run.test_loader, run.knn_k, cfg.train.knn_t,
+                                retrieval=retrieval, progress=run.ctx.show_progress,
+                                autocast=eng.autocast(run.precision, run.info.device), val_loader=run.val_loader))
+        # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
+        scored = [h for h in state.history if "mAP" in h]
+        last = {"epoch": cfg.train.stop_at_epoch - 1, "knn_top1": results["knn_top1"], **results.get("retrieval", {}),
+                **({"validation": results["validation"]} if validating else {})}
+        if scored and scored[-1]["epoch"] != last["epoch"]:
+            scored.append(last)
+        results["retrieval_best"] = best_over_epochs(scored)
+        if validating:
+            results["selected_on_validation"] = select_on_validation(state.history, last)
+            results["validation_split"] = {"per_class": cfg.data.val_per_class, "images": len(run.inputs.val_index),
+                                           "train_images": len(run.inputs.train_index)}
+        results["linear_eval"] = end_of_run_linear_eval(run)
+        if pictures is not None:
+            images, titles, maps = pictures
+            results["curves"] = plot_curves(run.ctx.log.path, os.path.join(run.args.log_dir, "curves.png"))
+            results["heatmaps"] = write_heatmaps(model, images, os.path.join(run.args.log_dir, "heatmaps.png"),
+                                                 titles=titles, maps=maps)
+        _, report = write_training_report(results, run.args.log_dir)
+        print(training_summary(results))
+        print(f"report written to {report}")
+    return results
 
 
-def stop_with_checkpoint(path: str, engine, model, optimizer, epoch: int, step: int, cfg: Config, history: list, epoch_step: int,
-                         info: eng.DistInfo, written: bool = False) -> dict:
-    """Write (unless the epoch's own checkpoint just was) a checkpoint ``epoch_step`` steps into ``epoch`` and stop."""
-    if not written:
-        write_checkpoint(path, engine, model, optimizer, epoch, step, cfg, {"history": history, "epoch_step": epoch_step}, info)
+def evaluate_only(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: Inputs,
+                  components: selfcheck.Components) -> dict:
+    """``--eval_from``: kNN and retrieval of a checkpoint (ours or the reference's), no training."""
+    model, _ = load_model(args.eval_from, cfg.model.name, cfg.to_dict())
+    model = model.to(info.device)
+    memory_loader, test_loader, _, components.data = eval_loaders(cfg, args, inputs, info, cfg.data.backend)
+    knn_k = min(cfg.train.knn_k, len(inputs.train_index))
+    results = {"checkpoint": args.eval_from, "knn_k": knn_k, "knn_t": cfg.train.knn_t}
+    precision = components.precision
+    results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t,
+                            progress=info.is_main and not args.hide_progress,
+                            autocast=eng.autocast(precision, info.device)))
+    results["components"] = components.to_dict()
     if info.is_main:
-        print(f"stopped on a signal after optimizer step {step}; checkpoint {path} written. Continue with --resume.")
-    return {"stopped_at_step": step, "checkpoint": path}
+        write_training_report(results, args.log_dir)
+        print(training_summary(results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    if cfg.model.name == "moco":
-        check_queue_size(cfg.model.moco_k, cfg.train.batch_size)
-    train_index, test_index = index_splits(args.data_dir, args.debug)
-    if not args.eval_from:
-        check_writable(args.ckpt_dir)
-    os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
-    info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
-    eng.check_engine_options(cfg, info.device)
-    precision = eng.resolve_precision(cfg.engine.precision, info.device)
-    seed_everything(cfg.seed + info.rank, cfg.engine.deterministic)
-    show = info.is_main and not args.hide_progress
-    train_loader, memory_loader, test_loader = build_data(cfg, args.data_dir, train_index, test_index, info)
-    knn_k = min(cfg.train.knn_k, len(memory_loader.index))
-
+    inputs = check_inputs(args, cfg)
+    info = start_process(args, cfg)
+    components = selfcheck.start_checks(cfg, info.device)
     if args.eval_from:
-        model, _ = load_model(args.eval_from, cfg.model.name, cfg.to_dict())
-        model = model.to(info.device)
-        results = {"checkpoint": args.eval_from, "knn_k": knn_k}
-        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, progress=show,
-                                autocast=eng.autocast(precision, info.device)))
-        if info.is_main:
-            write_report(results, args.log_dir)
-            print(format_results(results))
-        return results
-
+        return evaluate_only(args, cfg, info, inputs, components)
+    if cfg.data.val_per_class:
+        split_validation(args, cfg, inputs)
     # Rank 0 holds the checkpoint folder's lock for the run; a second run on the same folder stops here.
     with run_lock(args.ckpt_dir) if info.is_main else contextlib.nullcontext():
-        return train(args, cfg, info, train_loader, memory_loader, test_loader, test_index, knn_k, precision, show)
-
-
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """A collective: every rank calls it at the same steps."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)  # gloo has no AVG
-        values /= dist.get_world_size()
-    return values
-
-
-def step_losses(mean_terms: torch.Tensor, rationale_weight: float, pieces: int) -> dict:
-    """The losses of the global batch, as the reference's single process reports them, from the
-    per-piece means of (ssl_loss, rationale_loss) over ``pieces`` = ranks x micro-batches: the SSL
-    loss is a mean over samples, the KL a sum over them."""
-    ssl, kl = mean_terms.tolist()
-    kl *= pieces
-    return {"loss": ssl + rationale_weight * kl, "ssl_loss": ssl, "rationale_loss": kl}
-
-
-def train(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, train_loader, memory_loader, test_loader, test_index,
-          knn_k: int, precision: str, show: bool) -> dict:
-    """The training run proper: model, engine, the step loop, checkpoints, the final evaluation and report."""
-    amp = eng.autocast(precision, info.device)
-    model = build_model(cfg)
-    if cfg.engine.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(info.device)
-    optimizer = build_optimizer(cfg, model)
-    start_epoch, step, epoch_step, history = 0, 0, 0, []
-    ckpt_path = os.path.join(args.ckpt_dir, "last.pt")
-    if args.resume:
-        resume_path = ckpt_path if args.resume == "auto" else args.resume
-        ckpt = load_training_checkpoint(resume_path)
-        load_state_strict(model, ckpt["model"], resume_path)
-        if ckpt["optimizer"] is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        elif cfg.engine.zero_stage == 0:
-            raise ConfigError(f"{resume_path} was written under ZeRO (its optimizer state is partitioned by rank): resume it "
-                              "with the engine.zero_stage it was trained with")
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["extra"].get("history", [])
-        epoch_step = ckpt["extra"].get("epoch_step", 0)
-        set_rng_state(ckpt["rng"])
-        if info.is_main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}" + (f" ({epoch_step} into the epoch)" if epoch_step else ""))
-    if cfg.model.name == "moco":
-        model.broadcast_queue()
-    engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
-    if args.resume and ckpt["optimizer"] is None:
-        eng.load_zero_state(engine, os.path.dirname(resume_path), ckpt["extra"]["zero_tag"])
-    if cfg.engine.channels_last and cfg.engine.zero_stage == 0:
-        # After initialize: DeepSpeed broadcasts parameters as contiguous bytes, which channels_last
-        # weights are not. Module.to keeps the Parameter objects, so the optimizer still holds them.
-        # ZeRO 1/2 keep every weight a view of their flat buffer and reduce gradients with view(-1), so
-        # there the weights stay contiguous and only the activations are channels_last: convolutions
-        # still run channels_last (the input decides), and autograd hands each weight a gradient
-        # strided like the weight itself.
-        model.to(memory_format=torch.channels_last)
-    compile_backbones(model, cfg.engine.compile)
-    accum = cfg.engine.grad_accum_steps
-    steps_per_epoch = len(train_loader) // accum
-    schedule = build_schedule(cfg, steps_per_epoch)
-    log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
-    if info.is_main:
-        save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
-    # The reference's KL is a sum over the whole batch; DeepSpeed divides each micro-batch's objective by
-    # the accumulation steps and averages gradients over ranks, so the KL counts world_size * accum times.
-    kl_weight = model.rationale_weight * info.world_size * accum
-
-    rates, last_losses = [], {}
-    watch, stop, stopped, skipped = NonFiniteWatch(info.device), StopRequest(), None, 0
-    step_terms = torch.zeros(2, device=info.device)  # ssl_loss, rationale_loss summed over this step's micro-batches
-    for epoch in range(start_epoch, cfg.train.stop_at_epoch):
-        model.train()
-        done_in_epoch = epoch_step if epoch == start_epoch else 0  # optimizer steps
-        train_loader.set_epoch(epoch, done_in_epoch * accum)
-        bar = tqdm(desc=f"epoch {epoch}/{cfg.train.num_epochs}", total=steps_per_epoch, initial=done_in_epoch, disable=not show)
-        tic, pairs, micro = time.perf_counter(), 0, 0
-        for view1, view2, _ in train_loader:
-            if micro == 0:  # once per optimizer step, as the reference: EMA first, then this step's forward
-                lr = schedule.apply(optimizer, step)
-                model.momentum_update()
-            if cfg.engine.channels_last:
-                view1, view2 = view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last)
-            out = engine(view1, view2)  # autocast, when on, comes from the engine's torch_autocast
-            objective = out["ssl_loss"] + kl_weight * out["rationale_loss"]
-            if cfg.engine.on_nonfinite == "skip" and not all_finite(objective):
-                # (accum is 1 here.) The batch is consumed but no optimizer step is taken (the EMA step above stays).
-                skipped += 1
-                done_in_epoch += 1
-                bar.update(1)
-                continue
-            engine.backward(objective)
-            engine.step()  # steps the optimizer only after the last micro-batch
-            if cfg.engine.on_nonfinite == "stop":
-                watch.update(step + 1, out)
-            step_terms += torch.stack([out["ssl_loss"].detach().float(), out["rationale_loss"].detach().float()])
-            micro += 1
-            if micro < accum:
-                continue
-            micro = 0
-            step += 1
-            done_in_epoch += 1
-            pairs += cfg.train.batch_size
-            bar.update(1)
-            log_step = step % cfg.engine.log_interval == 0 or step == 1
-            if log_step:
-                watch.check()
-                last_losses = step_losses(mean_over_ranks(step_terms) / accum, model.rationale_weight, info.world_size * accum)
-                rate = pairs / (time.perf_counter() - tic)
-                if step > 1:  # the first interval holds start-up costs
-                    rates.append(rate)
-                log.log(step, epoch=epoch, lr=lr, pairs_per_s=rate, skipped_steps=skipped, **last_losses)
-                bar.set_postfix(loss=f"{last_losses['loss']:.4f}", lr=f"{lr:.3g}", pairs_s=f"{rate:.1f}")
-                tic, pairs = time.perf_counter(), 0
-            step_terms.zero_()
-            if (log_step or info.world_size == 1) and done_in_epoch < steps_per_epoch and stop.agreed(info.device):
-                watch.check()
-                stopped = stop_with_checkpoint(ckpt_path, engine, model, optimizer, epoch, step, cfg, history, done_in_epoch, info)
-                break
-        bar.close()
+        run = set_up(args, cfg, info, inputs, components)
+        stopped = train_epochs(run)
+        run.ctx.log.close()
         if stopped:
-            break
-
-        knn_due = cfg.train.knn_monitor and epoch % cfg.train.knn_interval == 0
-        retrieval_due = bool(cfg.train.retrieval_interval) and epoch % cfg.train.retrieval_interval == 0
-        if (knn_due or retrieval_due) and info.is_main:
-            scores = evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=retrieval_due, progress=show, autocast=amp)
-            entry = {"epoch": epoch, **({"knn_top1": scores["knn_top1"]} if knn_due else {}), **scores.get("retrieval", {})}
-            history.append(entry)
-            log.log(step, **entry)
-            if show:
-                shown = [f"kNN top-1 {entry['knn_top1']:.2f}%"] if "knn_top1" in entry else []
-                shown += [f"{k} {100 * entry[k]:.2f}" for k in ("rank1", "rank5", "mAP") if k in entry]
-                print(f"epoch {epoch}: " + ", ".join(shown))
-        watch.check()
-        write_checkpoint(ckpt_path, engine, model, optimizer, epoch + 1, step, cfg, {"history": history}, info)
-        if epoch + 1 < cfg.train.stop_at_epoch and stop.agreed(info.device):
-            stopped = stop_with_checkpoint(ckpt_path, engine, model, optimizer, epoch + 1, step, cfg, history, 0, info, written=True)
-            break
-    if stopped:
-        log.close()
-        return stopped
-
-    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": step, "knn_k": knn_k, "history": history,
-                     "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None, "final_losses": last_losses,
-                     "skipped_steps": skipped,
-                     "config": cfg.to_dict()}
-    if cfg.logger.matplotlib:
-        # On every rank: MoCo's forward gathers keys across ranks, so all of them must run it.
-        count = 8
-        if cfg.model.name == "moco":  # the keys of every rank's images must fill the queue in whole batches
-            count = max(n for n in range(1, count + 1) if cfg.model.moco_k % (n * info.world_size) == 0)
-        images, titles = pick_images(test_index, count, cfg.dataset.image_size)
-        maps = rationale_maps(model, images)
-    if info.is_main:
-        reference_path = os.path.join(args.ckpt_dir, f"{cfg.name}_reference.pth")
-        export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
-        results["checkpoint"], results["reference_checkpoint"] = ckpt_path, reference_path
-        results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t, retrieval=cfg.eval is not False and cfg.eval.retrieval,
-                                progress=show, autocast=amp))
-        # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
-        scored = [h for h in history if "mAP" in h]
-        last = {"epoch": cfg.train.stop_at_epoch - 1, **results.get("retrieval", {})}
-        if scored and scored[-1]["epoch"] != last["epoch"]:
-            scored.append(last)
-        results["retrieval_best"] = best_over_epochs(scored)
-        if cfg.logger.matplotlib:
-            results["curves"] = plot_curves(log.path, os.path.join(args.log_dir, "curves.png"))
-            results["heatmaps"] = write_heatmaps(model, images, os.path.join(args.log_dir, "heatmaps.png"), titles=titles, maps=maps)
-        _, report = write_report(results, args.log_dir)
-        print(format_results(results))
-        print(f"report written to {report}")
-    log.close()
-    eng.barrier()
-    return results
-
-
-# Errors that mean "your input is wrong": a one-line message instead of a traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointMismatchError, UnsafeCheckpointError, FileNotFoundError,
-               CheckpointWriteError, CheckpointLockError, NonFiniteLossError, eng.ProcessGroupError)
+            if info.is_main:
+                print(f"stopped on a signal after optimizer step {run.state.step}; checkpoint {run.ckpt_path} written. "
+                      "Continue with --resume.")
+            return {"stopped_at_step": run.state.step, "checkpoint": run.ckpt_path}
+        return finish(run)
 
 
 def cli() -> None:
-    try:
-        main()
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))
 
 
 if __name__ == "__main__":

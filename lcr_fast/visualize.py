@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lcr_fast.errors import run_cli
 
 PANELS = ("image", "GradCAM of the SSL loss", "rationale map", "overlay (red: GradCAM,\ngreen: rationale)")
 HEADER_PX = 28  # the strip with the column titles
@@ -82,7 +83,8 @@ def heatmap_panels(images: Tensor, cam: Tensor, attention: Tensor,
 
 
 def write_heatmaps(model: nn.Module, images: Tensor, out_path: str, mean_std=(IMAGENET_MEAN, IMAGENET_STD),
-                   titles: list[str] | None = None, panel_px: int = 128, maps: tuple[Tensor, Tensor] | None = None) -> str:
+                   titles: list[str] | None = None, panel_px: int = 128,
+                   maps: tuple[Tensor, Tensor] | None = None) -> str:
     """Write the heatmap grid of ``images`` (a normalised batch [N, 3, H, W]) to ``out_path`` (PNG).
 
     The picture is exactly ``4 * panel_px`` pixels wide and ``28 + N * panel_px`` high (a title strip,
@@ -136,7 +138,8 @@ def pick_images(index, n: int, image_size: int) -> tuple[Tensor, list[str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lcr_fast.visualize", description="GradCAM and rationale heatmaps of a checkpoint.")
+    p = argparse.ArgumentParser(prog="python -m lcr_fast.visualize",
+                                description="GradCAM and rationale heatmaps of a checkpoint.")
     p.add_argument("--ckpt", required=True, help="our last.pt, or a reference .pth/.pth.tar (then --method)")
     p.add_argument("--method", choices=("byol", "moco"), default=None)
     p.add_argument("--config", default=None, help="YAML for a reference checkpoint (image size, max-pool, ...)")
@@ -152,13 +155,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("missing --data_dir (or the DATA environment variable)")
     if args.n < 1 or args.panel_px < 16:
         p.error("--n must be at least 1 and --panel_px at least 16")
+    if args.image_size is not None and args.image_size < 32:
+        p.error("--image_size must be at least 32 (as dataset.image_size)")
     return args
 
 
 def visualize(args: argparse.Namespace) -> str:
+    """Write the heatmap grid that ``args`` (``parse_args``) ask for; returns the PNG's path."""
+    from lcr_fast.checkpoint import check_checkpoint_file, check_creatable
     from lcr_fast.data import scan_split
-    from lcr_fast.eval.cli import load_for_eval, resolve_device
+    from lcr_fast.loading import load_for_eval, resolve_device
 
+    check_checkpoint_file(args.ckpt)
+    check_creatable(os.path.dirname(os.path.abspath(args.out)), "the picture")
     index = scan_split(args.data_dir, args.split)
     device = resolve_device(args.device)
     model, cfg = load_for_eval(args.ckpt, args.method, args.config)
@@ -166,16 +175,13 @@ def visualize(args: argparse.Namespace) -> str:
     return write_heatmaps(model.to(device), images, args.out, titles=titles, panel_px=args.panel_px)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from lcr_fast.eval.cli import USER_ERRORS
+def _visualize_and_print(argv: list[str] | None) -> None:
+    print(f"heatmaps written to {visualize(parse_args(argv))}")
 
-    try:
-        path = visualize(parse_args(argv))
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"heatmaps written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: writes the PNG; returns the exit status (2 for input errors)."""
+    return run_cli(_visualize_and_print, argv)
 
 
 if __name__ == "__main__":

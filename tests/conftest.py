@@ -1,5 +1,6 @@
 """Test-wide settings shared by every test module."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import uninterrupted_losses  # noqa: E402 (our package, imported once the choice above is made)
 
 
 @pytest.fixture
@@ -25,3 +27,13 @@ def one_thread():
 def triton_kernels(monkeypatch):
     """Dispatch every kernel call to Triton (on CPU tensors: its interpreter) rather than to torch."""
     monkeypatch.setenv("LCR_KERNELS", "triton")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``(data, cfg_path, losses)`` of :func:`helpers.uninterrupted_losses`, run once for all of a module's stop and
+    resume tests: each stops and resumes its own run in its own folder, so they can share the reference."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg_path, losses = uninterrupted_losses(root)
+    yield root / "data", cfg_path, losses
+    shutil.rmtree(root, ignore_errors=True)  # two epochs of checkpoints

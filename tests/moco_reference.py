@@ -18,7 +18,8 @@ class RefResNet(tvm.ResNet):
     """``resnet_output.ResNet``: the standard torchvision network returning (fc(x), x, featmap)."""
 
     def __init__(self, arch: str = "resnet18"):
-        block, layers = {"resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3]), "resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2])}[arch]
+        block, layers = {"resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3]),
+                         "resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2])}[arch]
         super().__init__(block, layers)
 
     def forward(self, x):
@@ -103,7 +104,8 @@ class RefMoCo(nn.Module):
         self._enqueue(self.queue_max, self.queue_ptr_max, k_max_proj)
         self.relu(self.bn16(self.conv16(featmap)))  # featcov16: returned, unused by the loss
         ce = F.cross_entropy(logits, labels)
-        grad = torch.autograd.grad(ce, featmap, grad_outputs=torch.ones_like(ce), retain_graph=True, allow_unused=True)[0]
+        grad = torch.autograd.grad(ce, featmap, grad_outputs=torch.ones_like(ce), retain_graph=True,
+                                   allow_unused=True)[0]
         gradcam = torch.relu((featmap * grad).sum(dim=1))
         return logits, labels, logits_max, att_max, gradcam, k
 
@@ -123,6 +125,6 @@ def reference_step(model: RefMoCo, optimizer, im_q, im_k, nu: float = 0.01) -> d
 
 def reference_file(path, model: RefMoCo, optimizer=None, epoch: int = 3, arch: str = "resnet18") -> None:
     """``main_moco.py``'s ``save_checkpoint`` of a DDP module: ``module.``-prefixed keys."""
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
     torch.save({"epoch": epoch, "arch": arch, "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
-                "optimizer": (optimizer or torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)).state_dict()},
-               path)
+                "optimizer": optimizer.state_dict()}, path)

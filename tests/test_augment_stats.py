@@ -19,6 +19,8 @@ from lcr_fast.data import dali
 from lcr_fast.data.folder import scan_split
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, two_view_transforms
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAIRS = 448  # 7 epochs of 2 batches of 32
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
@@ -112,7 +114,8 @@ def test_jitter_and_grey_rates(tmp_path, recipe):
 @pytest.mark.parametrize("recipe", ["byol", "mocov2"])
 def test_solarize_rate(tmp_path, recipe):
     # Bright enough that every jittered or grey version stays >= 128 until solarized.
-    for spec, views in zip(dali.RECIPE_VIEWS[recipe], _dali_views(_folder(tmp_path, _flat((250, 245, 240))), recipe, 32)):
+    bright = _folder(tmp_path, _flat((250, 245, 240)))
+    for spec, views in zip(dali.RECIPE_VIEWS[recipe], _dali_views(bright, recipe, 32)):
         colours = _colours(views)
         _check_rate(colours.mean(axis=1) < 128, spec.solarize_p)
 
@@ -194,7 +197,8 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
 def test_crop_and_flip_distributions(tmp_path, recipe, monkeypatch):
     """Crop area and aspect ratio as torchvision's RandomResizedCrop samples them; flips at p 0.5."""
     width, height, size = 128, 96, 48
-    views = tuple(replace(spec, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0) for spec in dali.RECIPE_VIEWS[recipe])
+    views = tuple(replace(spec, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0)
+                  for spec in dali.RECIPE_VIEWS[recipe])
     monkeypatch.setitem(dali.RECIPE_VIEWS, recipe, views)
     x, y = np.meshgrid(np.arange(width), np.arange(height))
     ramp = np.stack([2 * x, 2 * y, np.zeros_like(x)], axis=2).astype(np.uint8)

@@ -5,6 +5,8 @@ from torchvision import models as tvm
 
 from lcr_fast.models.backbone import PretrainedWeightsError, build_backbone, resolve_arch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_reference_names_are_resnet50_without_maxpool():
     assert resolve_arch("resnet50_cub200", None) == ("resnet50", False)

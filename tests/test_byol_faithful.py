@@ -12,6 +12,8 @@ from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, Re
 
 from helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _views(batch=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -93,7 +95,8 @@ def test_training_steps_equal_the_reference(tmp_path):
         out["loss"].backward()
         opt.step()
         for key in ("loss", "ssl_loss", "rationale_loss", "gradcam", "attention"):
-            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
+            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"step {step}: {key}")
         ours_state = reference_state_dict(ours)
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")

@@ -11,6 +11,8 @@ from lcr_fast.reference import ReferenceBYOL, ReferenceResNet
 
 from helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _reference_file(path, arch="resnet18", hidden=64, proj=32):
     torch.manual_seed(0)

@@ -48,7 +48,8 @@ def test_unknown_section_and_override_errors():
 
 
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
-    cfg = load_config(REPO / "configs" / "byol_cub200.yaml", ["train.batch_size=64", "fixes.lars_momentum=true", "model.pretrained=none"])
+    cfg = load_config(REPO / "configs" / "byol_cub200.yaml",
+                      ["train.batch_size=64", "fixes.lars_momentum=true", "model.pretrained=none"])
     assert cfg.train.batch_size == 64 and cfg.fixes.lars_momentum is True and cfg.model.pretrained == "none"
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
@@ -66,3 +67,14 @@ def test_defaults_untouched_by_loading():
     before = yaml.safe_dump(DEFAULTS)
     load_config(None, ["train.batch_size=8"])
     assert yaml.safe_dump(DEFAULTS) == before
+
+
+def test_eval_section_and_validation_split_are_checked():
+    with pytest.raises(ConfigError, match="eval.optimizer.name must be sgd") as err:
+        load_config(None, ["eval.optimizer.name=lars"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="eval.num_epochs"):
+        load_config(None, ["eval.num_epochs=0"])
+    with pytest.raises(ConfigError, match="data.val_per_class must be 0 .off. or at least 2"):
+        load_config(None, ["data.val_per_class=1"])
+    assert load_config(None, ["data.val_per_class=3", "eval=false"]).data.val_per_class == 3

@@ -9,6 +9,7 @@ import pytest
 from nvidia.dali import fn, pipeline_def, types
 
 from lcr_fast.data import build_eval_loader, build_train_loader
+
 from helpers import write_folder
 
 

@@ -10,6 +10,8 @@ from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from helpers import write_folder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_labels_follow_sorted_class_folders(tmp_path):
     write_folder(tmp_path, classes=3, per_class=2)
@@ -83,7 +85,8 @@ def test_torchvision_train_loader_batches(tmp_path):
 
 def test_eval_loader_keeps_file_order_and_last_partial_batch(tmp_path):
     write_folder(tmp_path, classes=2, per_class=3, size=40)
-    loader = build_eval_loader(tmp_path, "test", batch_size=4, image_size=32, backend="torchvision", device="cpu", num_threads=0)
+    loader = build_eval_loader(tmp_path, "test", batch_size=4, image_size=32, backend="torchvision", device="cpu",
+                               num_threads=0)
     labels = torch.cat([lab for _, lab in loader])
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     images = torch.cat([img for img, _ in loader])
@@ -132,7 +135,8 @@ def test_two_ranks_read_what_one_rank_accumulating_two_micro_batches_reads(tmp_p
 def test_synthetic_dataset_layout_determinism_and_grain(tmp_path):
     flat = write_dataset(tmp_path / "flat", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90))
     again = write_dataset(tmp_path / "again", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90))
-    grainy = write_dataset(tmp_path / "grainy", num_classes=3, train_per_class=2, test_per_class=1, image_size=(120, 90), grain=12)
+    grainy = write_dataset(tmp_path / "grainy", num_classes=3, train_per_class=2, test_per_class=1,
+                           image_size=(120, 90), grain=12)
     index = scan_split(flat, "train")
     assert index.classes == class_names(3) and len(index) == 6 and len(scan_split(flat, "test")) == 3
     files = sorted(p.relative_to(flat) for p in flat.rglob("*.jpg"))

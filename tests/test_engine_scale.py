@@ -7,60 +7,47 @@ augmentations, takes the same BN statistics per micro-batch and sums the same gr
 the equality tested here, next to the direction of the BN difference: the losses move away from the
 single large batch's.
 """
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from lcr_fast import engine as eng
-from lcr_fast.config import ConfigError
-from lcr_fast.train import step_losses
+from lcr_fast.config import ConfigError, load_config
+from lcr_fast.objective import global_batch_losses
 
-from helpers import REPO, tiny_config, write_folder
-
-LAUNCHER = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-needs_launcher = pytest.mark.skipif(not os.path.exists(LAUNCHER), reason="deepspeed launcher not installed")
+from helpers import config_file, metrics, needs_launcher, run_train, tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     write_folder(root / "data", classes=3, per_class=8, size=40)
-    cfg = tiny_config(train={"batch_size": 8, "stop_at_epoch": 2, "num_epochs": 3},
-                      logger={"tensorboard": False, "matplotlib": False})
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    path = config_file(root, train={"batch_size": 8, "stop_at_epoch": 2, "num_epochs": 3},
+                       logger={"tensorboard": False, "matplotlib": False})
     yield root, path
     shutil.rmtree(root, ignore_errors=True)  # about 2 GB of checkpoints and ZeRO states
 
 
-def _run(root, cfg_path, name, *overrides, ranks=1, resume=False, port=29641):
-    cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(port)] if ranks > 1 else [sys.executable]
-    cmd += [str(REPO / "lcr_fast" / "train.py"), "-c", str(cfg_path), "--data_dir", str(root / "data"),
-            "--log_dir", str(root / name), "--ckpt_dir", str(root / name / "ckpt"), "--hide_progress",
-            *(["--resume"] if resume else []), *overrides]
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+def _run(root, cfg_path, name, *overrides, ranks=None, resume=False):
+    proc = run_train(root, name, cfg_path, *(["--resume"] if resume else []), *overrides, ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def _losses(root, name):
-    lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: (m["ssl_loss"], m["rationale_loss"]) for m in lines if "ssl_loss" in m}
+    return {m["step"]: (m["ssl_loss"], m["rationale_loss"]) for m in metrics(root / name) if "ssl_loss" in m}
 
 
+@pytest.mark.slow
 @needs_launcher
 def test_two_ranks_equal_one_rank_accumulating_and_differ_from_one_big_batch(setup):
     root, cfg_path = setup
     two = _run(root, cfg_path, "two", ranks=2)
     assert two.stdout.count("report written to") == 1, "rank 0 alone writes the report"
-    assert sorted(os.listdir(root / "two" / "ckpt")) == ["last.pt", "lcr-experiment_reference.pth"], "one checkpoint set"
+    checkpoints = sorted(os.listdir(root / "two" / "ckpt"))
+    assert checkpoints == ["last.pt", "lcr-experiment_reference.pth"], "one checkpoint set"
     _run(root, cfg_path, "accum", "engine.grad_accum_steps=2")
     _run(root, cfg_path, "whole")
     two_l, accum_l, whole_l = _losses(root, "two"), _losses(root, "accum"), _losses(root, "whole")
@@ -74,13 +61,14 @@ def test_two_ranks_equal_one_rank_accumulating_and_differ_from_one_big_batch(set
     assert abs(ssl2 - accum_l[1][0]) < 1e-3 * abs(ssl2 - ssl1)
 
 
+@pytest.mark.slow
 @needs_launcher
 def test_a_two_rank_checkpoint_resumes_on_one_rank(setup):
     """Same global batch: 1 rank accumulating 2 micro-batches continues the 2-rank run exactly."""
     root, cfg_path = setup
     if not (root / "two").exists():
         _run(root, cfg_path, "two", ranks=2)
-    _run(root, cfg_path, "first", "train.stop_at_epoch=1", ranks=2, port=29643)
+    _run(root, cfg_path, "first", "train.stop_at_epoch=1", ranks=2)
     _run(root, cfg_path, "first", "engine.grad_accum_steps=2", resume=True)
     resumed, straight = _losses(root, "first"), _losses(root, "two")
     assert sorted(resumed) == list(range(1, 7))
@@ -88,6 +76,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(setup):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["engine.precision=bf16"],
     ["engine.precision=fp16"],
@@ -111,9 +100,9 @@ def test_precisions_and_zero_stages_train_and_resume(setup, overrides):
         assert sorted(p.name for p in (root / name / "ckpt").glob(eng.ZERO_TAG + "*")) == [eng.ZERO_TAG + "6"]
 
 
-def test_step_losses_report_the_global_batch():
+def test_logged_losses_report_the_global_batch():
     # Two ranks x two micro-batches: the SSL loss is their mean, the KL the sum over all four pieces.
-    losses = step_losses(torch.tensor([0.5, 2.0]), 0.01, 4)
+    losses = global_batch_losses(torch.tensor([0.5, 2.0]), 0.01, 4)
     assert losses == pytest.approx({"loss": 0.5 + 0.01 * 8.0, "ssl_loss": 0.5, "rationale_loss": 8.0})
 
 
@@ -124,23 +113,17 @@ def test_step_losses_report_the_global_batch():
     (["engine.sync_bn=true"], "engine.sync_bn needs CUDA"),
 ])
 def test_combinations_that_would_compute_something_else_fail_clearly(overrides, message):
-    cfg = tiny_config()
-    for item in overrides:
-        key, value = item.split("=")
-        section, name = key.split(".", 1)
-        node = cfg[section]
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = yaml.safe_load(value)
+    # Config-only combinations fail when the config is loaded; sync_bn needs the device to be known.
     with pytest.raises(ConfigError, match=message):
-        eng.check_engine_options(cfg, torch.device("cpu"))
+        cfg = load_config(None, overrides)
+        eng.check_device_options(cfg, torch.device("cpu"))
 
 
 def test_batch_must_divide_into_ranks_and_micro_batches():
-    cfg = tiny_config(train={"batch_size": 6}, engine={"grad_accum_steps": 4})
-    with pytest.raises(ConfigError, match="not divisible by 1 rank\\(s\\) x 4 accumulated"):
-        eng.micro_batch_size(cfg, 1)
+    with pytest.raises(ConfigError, match="train.batch_size 6 is not divisible by engine.grad_accum_steps 4"):
+        tiny_config(train={"batch_size": 6}, engine={"grad_accum_steps": 4})
+    with pytest.raises(ConfigError, match="not divisible by 3 rank\\(s\\) x 2 accumulated"):
+        eng.micro_batch_size(tiny_config(train={"batch_size": 8}, engine={"grad_accum_steps": 2}), 3)
     assert eng.micro_batch_size(tiny_config(train={"batch_size": 8}, engine={"grad_accum_steps": 2}), 2) == 2
 
 
@@ -158,6 +141,7 @@ def test_fp16_and_bf16_become_torch_autocast_with_fp32_gradient_reduction():
     assert "fp16" not in eng.deepspeed_config(cfg, 1, "fp16"), "DeepSpeed's own fp16 would cast the model to half"
 
 
+@pytest.mark.slow
 def test_compiled_trunks_give_the_eager_step_and_keep_checkpoint_keys():
     from lcr_fast.models import build_model, compile_backbones
 

@@ -1,9 +1,6 @@
 """lcr-eval end to end on a tiny checkpoint: results files, both linear protocols, reference files, bad input."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from lcr_fast.eval import cli, retrieval_metrics
 from lcr_fast.eval.features import extract_features
 from lcr_fast.models import build_model
 
-from helpers import REPO, tiny_config, write_folder
+from helpers import run_command, tiny_config, write_folder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +30,8 @@ def setup(tmp_path_factory):
     model.train()
     with torch.no_grad():
         model.backbone(torch.randn(4, 3, 32, 32))
-    save_training_checkpoint(root / "ckpt" / "last.pt", model, torch.optim.SGD(model.parameters(), 0.1), 1, 3, cfg.to_dict())
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    save_training_checkpoint(root / "ckpt" / "last.pt", model, optimizer, 1, 3, cfg.to_dict())
     export_reference_checkpoint(model, root / "ckpt" / "byol_reference.pth")
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     write_folder(root / "data", classes=3, per_class=4, size=40)
@@ -49,7 +47,7 @@ def _run(capsys, *argv):
 
 def test_all_protocols_write_json_and_markdown(setup, capsys, tmp_path):
     rc, out, err = _run(capsys, "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", setup / "data", "--epochs", 3,
-                        "--out", tmp_path)
+                        "--linear_protocol", "cached", "--out", tmp_path)
     assert rc == 0, err
     results = json.loads((tmp_path / "last_eval.json").read_text())
     markdown = (tmp_path / "last_eval.md").read_text()
@@ -85,14 +83,33 @@ def test_reference_checkpoint_with_config_gives_the_same_figures(setup, capsys, 
 
 
 def test_linear_reference_protocol_runs(setup, capsys, tmp_path):
-    rc, out, err = _run(capsys, "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", setup / "data", "--protocol", "linear",
-                        "--linear_protocol", "reference", "--epochs", 2, "--out", tmp_path)
+    rc, out, err = _run(capsys, "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", setup / "data",
+                        "--protocol", "linear", "--linear_protocol", "reference", "--epochs", 2,
+                        "--linear_batch_size", 256, "--out", tmp_path)
     assert rc == 0, err
     linear = json.loads((tmp_path / "last_eval.json").read_text())["linear"]
     assert linear["protocol"] == "reference" and linear["epochs"] == 2 and linear["lr"] == 30.0
     assert linear["milestones"] == [60, 80] and linear["batch_size"] == 256
     assert 0.0 <= linear["top1"] <= linear["top5"] <= 100.0
     assert "linear probe, reference protocol (main_lincls), 2 epochs" in out
+
+
+def test_linear_defaults_to_byol_main_protocol_with_the_config_eval_section(setup, capsys, tmp_path):
+    """BYOL's default linear protocol is the reference main.py's, its settings the checkpoint's eval section
+    (tiny_config: one epoch, batch 128, base_lr 30); --epochs overrides the epochs only."""
+    rc, out, err = _run(capsys, "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", setup / "data",
+                        "--protocol", "linear", "--out", tmp_path / "default")
+    assert rc == 0, err
+    linear = json.loads((tmp_path / "default" / "last_eval.json").read_text())["linear"]
+    assert linear["protocol"] == "lcr" and linear["weights"] == "the checkpoint's"
+    assert (linear["epochs"], linear["steps"], linear["batch_size"]) == (1, 1, 128)
+    assert linear["lr"] == 15.0 and linear["seed"] == 0 and "per-batch" in linear["accuracy"]
+    assert "linear evaluation as the reference's BYOL main.py runs it after training" in out
+    rc, _, err = _run(capsys, "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", setup / "data",
+                      "--protocol", "linear", "--epochs", 2, "--out", tmp_path / "two")
+    assert rc == 0, err
+    two = json.loads((tmp_path / "two" / "last_eval.json").read_text())["linear"]
+    assert (two["epochs"], two["steps"], two["lr"]) == (2, 2, 15.0)
 
 
 def test_bad_inputs_are_one_line_errors(setup, capsys, tmp_path):
@@ -117,11 +134,11 @@ def test_bad_inputs_are_one_line_errors(setup, capsys, tmp_path):
     assert not (tmp_path / "out").exists(), "nothing is written for bad input"
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_status_and_no_traceback(setup, tmp_path):
     write_folder(tmp_path / "uneven", classes=3, per_class=1, splits=("train",))
     write_folder(tmp_path / "uneven", classes=2, per_class=1, splits=("test",))
-    proc = subprocess.run([sys.executable, "-m", "lcr_fast.eval", "--ckpt", str(setup / "ckpt" / "last.pt"), "--data_dir",
-                           str(tmp_path / "uneven")], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_command("-m", "lcr_fast.eval", "--ckpt", setup / "ckpt" / "last.pt", "--data_dir", tmp_path / "uneven",
+                       env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: train and test class folders differ") and "Traceback" not in proc.stderr

@@ -1,61 +1,78 @@
 """Failures end in a clear message and leave the last checkpoint as it was."""
+import errno
 import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from helpers import write_folder
-from test_train_cli import _config_file, _metrics, _run, _uninterrupted_losses, _wait_for_logged
+from lcr_fast.checkpoint import CheckpointWriteError, save_training_checkpoint
+from lcr_fast.config import ConfigError, load_config
 
+from helpers import config_file, metrics, run_train, wait_for_logged, write_folder
+
+
+# A learning rate whose first update overflows the weights: the next step's loss is NaN. (A NaN rate itself
+# is refused by the config's checks.)
+OVERFLOWING_LR = "train.base_lr=1e38"
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     write_folder(tmp_path / "data", classes=2, per_class=6, size=36)  # 3 steps per epoch
-    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False, "num_epochs": 4})
-    first = _run(tmp_path, "run", cfg_path)
+    cfg_path = config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False, "num_epochs": 4})
+    first = run_train(tmp_path, "run", cfg_path)
     assert first.returncode == 0, first.stdout + first.stderr
     last = tmp_path / "run" / "ckpt" / "last.pt"
     before = _digest(last)
 
     # A NaN learning rate turns every weight into NaN at the first resumed step; the next loss is NaN.
-    proc = _run(tmp_path, "run", cfg_path, "--resume", "train.stop_at_epoch=2", "train.base_lr=.nan")
+    proc = run_train(tmp_path, "run", cfg_path, "--resume", "train.stop_at_epoch=2", OVERFLOWING_LR)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error: non-finite loss at optimizer step 5 (loss nan, ssl_loss nan, rationale_loss nan)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _digest(last) == before, "the last good checkpoint is untouched"
-    assert max(m["step"] for m in _metrics(tmp_path / "run")) == 4, "nothing is logged past the first bad step"
+    assert max(m["step"] for m in metrics(tmp_path / "run")) == 4, "nothing is logged past the first bad step"
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_folder_fails_before_training(tmp_path):
     write_folder(tmp_path / "data", classes=2, per_class=2)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the checkpoint folder should be")
-    bad = _run(tmp_path, "bad", _config_file(tmp_path), "--ckpt_dir", str(blocker / "ckpt"))
+    bad = run_train(tmp_path, "bad", config_file(tmp_path), "--ckpt_dir", blocker / "ckpt")
     assert bad.returncode == 2
     assert f"error: cannot write checkpoints to '{blocker / 'ckpt'}'" in bad.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists(), "no training step ran"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
-def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, signum):
-    import signal
+def test_a_signal_checkpoints_at_a_step_and_resume_continues_exactly(tmp_path, uninterrupted, signum):
+    data, cfg_path, expected = uninterrupted
 
-    cfg_path, expected = _uninterrupted_losses(tmp_path)
-
-    proc = _run(tmp_path, "pre", cfg_path, wait=False)
-    _wait_for_logged(proc, tmp_path / "pre", lambda m: m["step"] >= 3)
+    proc = run_train(tmp_path, "pre", cfg_path, data=data, wait=False)
+    wait_for_logged(proc, tmp_path / "pre", lambda m: m["step"] >= 3)
     proc.send_signal(getattr(signal, signum))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert "stopped on a signal after optimizer step" in output
-    stopped_at = max(m["step"] for m in _metrics(tmp_path / "pre"))
+    stopped_at = max(m["step"] for m in metrics(tmp_path / "pre"))
     assert 3 <= stopped_at < 24
 
-    resumed = _run(tmp_path, "pre", cfg_path, "--resume")
+    resumed = run_train(tmp_path, "pre", cfg_path, "--resume", data=data)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    after = [m for m in _metrics(tmp_path / "pre") if "loss" in m and m["step"] > stopped_at]
+    after = [m for m in metrics(tmp_path / "pre") if "loss" in m and m["step"] > stopped_at]
     assert after[0]["step"] == stopped_at + 1 and after[-1]["step"] == 24
     for m in after:
         assert m["loss"] == expected[m["step"]], m["step"]
@@ -72,15 +89,8 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killing_a_writer_never_leaves_a_torn_checkpoint(tmp_path):
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import torch
-
     path = tmp_path / "ckpt.pt"
     rng = random.Random(0)
     for _ in range(4):
@@ -93,13 +103,13 @@ def test_killing_a_writer_never_leaves_a_torn_checkpoint(tmp_path):
         assert saved["n"] >= 1 and torch.equal(saved["weights"], torch.full((4_000_000,), float(saved["n"])))
 
 
+@pytest.mark.slow
 def test_skip_mode_leaves_out_non_finite_steps_and_counts_them(tmp_path):
-    import json
-
     write_folder(tmp_path / "data", classes=2, per_class=6, size=36)  # 3 steps per epoch
-    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False}, engine={"on_nonfinite": "skip"})
+    cfg_path = config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False},
+                           engine={"on_nonfinite": "skip"})
     # The first step runs at a NaN rate, so every later loss is NaN: those steps are skipped, not fatal.
-    proc = _run(tmp_path, "run", cfg_path, "train.base_lr=.nan")
+    proc = run_train(tmp_path, "run", cfg_path, OVERFLOWING_LR)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped 2 step(s) with a non-finite loss" in proc.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -107,8 +117,6 @@ def test_skip_mode_leaves_out_non_finite_steps_and_counts_them(tmp_path):
 
 
 def test_yaml_that_would_build_python_objects_is_refused(tmp_path, monkeypatch):
-    from lcr_fast.config import ConfigError, load_config
-
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.yaml"
     evil.write_text("train: !!python/object/apply:os.system ['touch pwned']\n")
@@ -117,38 +125,28 @@ def test_yaml_that_would_build_python_objects_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_lock_live_holder_and_stale_lock(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     write_folder(tmp_path / "data", classes=2, per_class=2)
-    cfg_path = _config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False})
+    cfg_path = config_file(tmp_path, train={"stop_at_epoch": 1, "knn_monitor": False})
     lock = tmp_path / "run" / "ckpt" / ".lcr-fast.lock"
     lock.parent.mkdir(parents=True)
 
     lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run holds the folder
-    busy = _run(tmp_path, "run", cfg_path)
+    busy = run_train(tmp_path, "run", cfg_path)
     assert busy.returncode == 2
     assert f"is in use by another run (process {os.getpid()} on {socket.gethostname()})" in busy.stderr
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(f"{gone.pid} {socket.gethostname()}")  # left by a run killed with -9
-    proc = _run(tmp_path, "run", cfg_path)
+    proc = run_train(tmp_path, "run", cfg_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"removing a stale lock {lock} left by process {gone.pid}" in proc.stderr
     assert not lock.exists(), "released at the end of the run"
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import errno
-
-    import torch
-
-    from lcr_fast.checkpoint import CheckpointWriteError, save_training_checkpoint
-
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "last.pt"
@@ -160,7 +158,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint there, if any, is intact"):
+    intact = "No space left on device; the previous checkpoint there, if any, is intact"
+    with pytest.raises(CheckpointWriteError, match=intact):
         save_training_checkpoint(path, model, optimizer, 2, 8, {"name": "x"})
     assert _digest(path) == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file is left behind"

@@ -7,20 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from lcr_fast.compat import UNUSED, export_reference_checkpoint, load_reference_checkpoint, reference_state_dict
-from lcr_fast.config import ConfigError, load_config
+from lcr_fast.config import ConfigError, check_queue_size, load_config
 from lcr_fast.models import build_model
-from lcr_fast.models.moco import MoCo, check_queue_size
+from lcr_fast.models.moco import MoCo
 from lcr_fast.optim import CosineEpochSchedule, WarmupCosineSchedule, build_optimizer, build_schedule
 
 from helpers import REPO, tiny_config
 from moco_reference import RefMoCo, reference_file, reference_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, DIM, K, H, W = 4, 16, 24, 48, 80  # ResNet-18 with max-pool: layer4 is 2 x 3, so rows and columns differ
 
 
 def moco_config(**sections):
-    model = {"name": "moco", "backbone": "resnet18", "maxpool": True, "pretrained": "none", "moco_dim": DIM, "moco_k": K,
-             "rationale_channels": 8, **sections.pop("model", {})}
+    model = {"name": "moco", "backbone": "resnet18", "maxpool": True, "pretrained": "none", "moco_dim": DIM,
+             "moco_k": K, "rationale_channels": 8, **sections.pop("model", {})}
     train = {"batch_size": B, "optimizer": {"name": "sgd", "weight_decay": 1e-4, "momentum": 0.9}, "base_lr": 0.03,
              "warmup_epochs": 0, "schedule": "cosine_epoch", "scale_lr": False, **sections.pop("train", {})}
     return tiny_config(model=model, train=train, **sections)
@@ -156,7 +158,8 @@ def test_reference_checkpoint_round_trip_is_bit_exact(tmp_path, capsys):
     assert set(sd) == {"module." + k for k in ref.state_dict()}
     for key, value in ref.state_dict().items():
         assert torch.equal(sd["module." + key], value), key
-    assert sd["module.fc.weight"].data_ptr() == sd["module.qmax.2.weight"].data_ptr() == sd["module.kmax.2.weight"].data_ptr()
+    fc = sd["module.fc.weight"].data_ptr()
+    assert fc == sd["module.qmax.2.weight"].data_ptr() == sd["module.kmax.2.weight"].data_ptr()
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
 
@@ -200,7 +203,8 @@ def test_training_steps_equal_the_reference(tmp_path):
         out["loss"].backward()
         opt.step()
         for key in ("loss", "ssl_loss", "rationale_loss", "gradcam"):
-            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
+            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"step {step}: {key}")
         # min-max normalisation magnifies the few-ulp differences SGD leaves in conv16/bn16
         torch.testing.assert_close(out["attention"].detach(), expected["attention"], rtol=1e-4, atol=2e-5)
         ours_state = reference_state_dict(ours)
@@ -223,7 +227,7 @@ def test_extract_returns_normalised_gap_and_rationale_features():
 
 
 def test_cosine_epoch_schedule_and_unscaled_lr():
-    cfg = moco_config(train={"num_epochs": 100, "stop_at_epoch": 100, "batch_size": 128})
+    cfg = moco_config(model={"moco_k": 256}, train={"num_epochs": 100, "stop_at_epoch": 100, "batch_size": 128})
     sched = build_schedule(cfg, steps_per_epoch=10)
     assert isinstance(sched, CosineEpochSchedule)
     opt = build_optimizer(cfg, torch.nn.Linear(3, 2))
@@ -244,7 +248,8 @@ def test_moco_configs_load_and_have_valid_queues(name):
     check_queue_size(cfg.model.moco_k, cfg.train.batch_size)
     if name != "moco_demo":
         assert (cfg.model.backbone, cfg.model.maxpool, cfg.model.pretrained) == ("resnet50", True, "imagenet")
-        assert (cfg.train.base_lr, cfg.train.batch_size, cfg.model.moco_t, cfg.model.moco_dim, cfg.model.moco_k) == (0.03, 128, 0.2, 256, 65536)
+        recipe = (cfg.train.base_lr, cfg.train.batch_size, cfg.model.moco_t, cfg.model.moco_dim, cfg.model.moco_k)
+        assert recipe == (0.03, 128, 0.2, 256, 65536)
         assert cfg.train.num_epochs == cfg.train.stop_at_epoch == 100 and cfg.data.recipe == "mocov2"
 
 

@@ -1,20 +1,22 @@
 """Shuffle BN across two gloo ranks: keys equal a direct per-rank computation on the shuffled sub-batches,
 and both ranks end the step with the same queue."""
 import copy
-import socket
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import free_port, tiny_config
+
 WORLD, B, H, W = 2, 4, 48, 80  # B images per rank
+
+pytestmark = pytest.mark.slow
 
 
 def _config():
-    from helpers import tiny_config
-
     return tiny_config(model={"name": "moco", "backbone": "resnet18", "maxpool": True, "pretrained": "none",
                               "moco_dim": 16, "moco_k": 24, "rationale_channels": 8},
                        train={"batch_size": WORLD * B, "warmup_epochs": 0})
@@ -62,7 +64,8 @@ def _worker(rank: int, port: int) -> None:
         q = F.normalize(twin.projector(f.mean((2, 3))), dim=1)
         k = k_all[mine]
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ twin.queue], dim=1) / 0.2
-        torch.testing.assert_close(out["ssl_loss"], F.cross_entropy(logits, torch.zeros(B, dtype=torch.long)), rtol=1e-5, atol=1e-6)
+        expected = F.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
+        torch.testing.assert_close(out["ssl_loss"], expected, rtol=1e-5, atol=1e-6)
 
         # Identical queues on both ranks.
         queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
@@ -80,11 +83,5 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shuffled_keys_equal_direct_per_rank_keys_and_queues_agree():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -60,7 +60,8 @@ def test_gpu_formulation_equals_the_cpu_kernel(seed, recipe, size):
 
     @pipeline_def(batch_size=n, num_threads=2, device_id=None)
     def both():
-        x, m, k = fn.external_source(source=lambda: (images[:n], M, K), num_outputs=3, batch=True, layout=["HWC", "", ""])
+        x, m, k = fn.external_source(source=lambda: (images[:n], M, K), num_outputs=3, batch=True,
+                                     layout=["HWC", "", ""])
         return recolour(x, m, k, "cpu"), recolour_ops(x, m, k)
 
     pipe = both()
@@ -74,7 +75,8 @@ def test_gpu_formulation_equals_the_cpu_kernel(seed, recipe, size):
         for y, x, c in np.argwhere(a != b):
             # Both sum in float32, in different orders (and DALI's mean accumulates in float32): they may
             # round apart only where the exact value lies within float32 noise of a rounding boundary.
-            exact = M[i, c].astype(np.float64) @ images[i][y, x] + K[i, c].astype(np.float64) @ images[i].reshape(-1, 3).mean(0)
+            mean = images[i].reshape(-1, 3).mean(0)
+            exact = M[i, c].astype(np.float64) @ images[i][y, x] + K[i, c].astype(np.float64) @ mean
             assert abs(a[y, x, c] - b[y, x, c]) == 1 and abs(exact + 0.5 - round(exact + 0.5)) < 1e-4
             differing += 1
     assert differing <= total * 1e-5
@@ -86,7 +88,8 @@ def test_missing_numba_falls_back_to_torchvision(monkeypatch):
     for name in ("lcr_fast.data.dali", "lcr_fast.data.recolour"):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "numba", None)
-    with pytest.warns(UserWarning, match=r"DALI is unavailable \(ModuleNotFoundError: .*numba.*\); using the torchvision loader"):
+    unavailable = r"DALI is unavailable \(ModuleNotFoundError: .*numba.*\); using the torchvision loader"
+    with pytest.warns(UserWarning, match=unavailable):
         assert resolve_backend("dali") == "torchvision"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -166,7 +166,8 @@ def test_random_data_chunking_does_not_change_results() -> None:
     generator = torch.Generator().manual_seed(3)
     feats = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=1)
     labels = torch.randint(30, (300,), generator=generator)
-    results = [retrieval_metrics(feats, labels, chunk_size=c, max_matrix_bytes=m) for c in (1, 37, 300, 4096) for m in (0, 2**28)]
+    results = [retrieval_metrics(feats, labels, chunk_size=c, max_matrix_bytes=m)
+               for c in (1, 37, 300, 4096) for m in (0, 2**28)]
     for other in results[1:]:
         assert other["rank1"] == results[0]["rank1"] and other["rank5"] == results[0]["rank5"]
         assert other["mAP"] == pytest.approx(results[0]["mAP"], abs=1e-12)

@@ -1,11 +1,14 @@
 """A whole BYOL + LCR step through the Triton kernels equals the same step through the torch references."""
 import copy
 
+import pytest
 import torch
 
 from lcr_fast.models import build_model
 
 from helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step(model, x1, x2):

@@ -70,5 +70,6 @@ def test_command_line(tmp_path, capsys):
                          "--panel_px", "32"])
     assert rc == 0 and "heatmaps written to" in capsys.readouterr().out
     assert Image.open(out).size == (4 * 32, visualize.HEADER_PX + 5 * 32)
-    rc = visualize.main(["--ckpt", str(ckpt), "--method", "moco", "--data_dir", str(tmp_path / "data"), "--out", str(out)])
+    rc = visualize.main(["--ckpt", str(ckpt), "--method", "moco", "--data_dir", str(tmp_path / "data"),
+                         "--out", str(out)])
     assert rc == 2 and capsys.readouterr().err.startswith("error: ")

@@ -1,9 +1,11 @@
 """DALI input pipelines: the reference's two-view recipes and its evaluation transform.
 
 One graph serves every recipe and both devices: ``mixed`` (nvJPEG) decoding and GPU operators when
-the loader's device is CUDA, DALI's CPU backend otherwise. All randomness is drawn in Python (numpy,
-seeded per epoch and block of permutation slots, so not by rank) and fed to the graph next to the encoded files through one
-``external_source``. That keeps the graph a pure function of its inputs, which buys:
+the loader's device is CUDA, DALI's CPU backend otherwise or when asked for (``decoder="cpu"``, the
+fallback of a GPU whose ``mixed`` pipeline cannot run: its batches are then copied to the GPU). All
+randomness is drawn in Python (numpy, seeded per epoch and block of permutation slots, so not by
+rank) and fed to the graph next to the encoded files through one ``external_source``. That keeps
+the graph a pure function of its inputs, which buys:
 
 - exact torchvision sampling where it matters (RandomResizedCrop's ten attempts and fallback,
   ColorJitter's random order of its four operations, per-sample probabilities);
@@ -69,6 +71,7 @@ GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's convert("L")
 _CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 _PREFETCH = 2
+DECODERS = ("mixed", "cpu")  # nvJPEG decoding with GPU operators, or DALI's CPU backend throughout
 _SOLARIZED = [v if v < 128 else 255 - v for v in range(256)]  # one table lookup instead of four arithmetic passes
 
 
@@ -95,7 +98,8 @@ def _byol_view(blur_p: float, solarize_p: float) -> ViewSpec:
                     blur_p=blur_p, solarize_p=solarize_p)
 
 
-_MOCO_VIEW = ViewSpec((0.2, 1.0), cubic=False, flip=True, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2, blur_p=0.5)
+_MOCO_VIEW = ViewSpec((0.2, 1.0), cubic=False, flip=True, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2,
+                      blur_p=0.5)
 RECIPE_VIEWS: dict[str, tuple[ViewSpec, ...]] = {
     "byol": (_byol_view(blur_p=1.0, solarize_p=0.0), _byol_view(blur_p=0.1, solarize_p=0.2)),
     "mocov2": (_MOCO_VIEW, _MOCO_VIEW),
@@ -106,7 +110,8 @@ EVAL_VIEW = ViewSpec(None, cubic=True)
 # ---------------------------------------------------------------------------------------------
 # Random parameters, drawn in Python. Each function returns per-sample arrays for ``n`` samples.
 
-def random_crop_boxes(sizes: np.ndarray, scale: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_crop_boxes(sizes: np.ndarray, scale: tuple[float, float],
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's RandomResizedCrop.get_params for images of ``sizes`` [n, 2] (H, W), vectorised.
 
     Returns the boxes' top-left and bottom-right corners, [n, 2] each in (y, x) order.
@@ -238,7 +243,8 @@ def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.rand
     return params
 
 
-def batch_params(views: Sequence[ViewSpec], sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> list:
+def batch_params(views: Sequence[ViewSpec], sizes: np.ndarray, image_size: int,
+                 rng: np.random.Generator | None) -> list:
     """Everything ``_graph`` consumes after the files and labels: the decode window (the smallest
     pixel-aligned box holding every view's crop, so the JPEG decoder skips what no view uses), then
     each view's ``view_params`` with its crop box relative to that window."""
@@ -317,11 +323,14 @@ class _Runner:
     """
 
     def __init__(self, index: FolderIndex, views: tuple[ViewSpec, ...], batch_size: int, image_size: int,
-                 device: torch.device | str, num_threads: int):
+                 device: torch.device | str, num_threads: int, decoder: str | None = None):
         self.index = index
         self.views = views
         self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
         self.device = torch.device(device)
+        self.decoder = decoder or ("mixed" if self.device.type == "cuda" else "cpu")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown DALI decoder {self.decoder!r}; expected one of {DECODERS}")
         self.bad: set[int] = set()
         self._sizes: dict[int, tuple[int, int]] = {}
         self._pending: Iterator[tuple] = iter(())
@@ -331,17 +340,16 @@ class _Runner:
         return next(self._pending)  # StopIteration ends DALI's epoch
 
     def define(self, device_id: int | None):
-        """The pipeline, defined but not built: ``mixed`` decoding and GPU operators for a CUDA device.
+        """The pipeline, defined but not built: ``mixed`` decoding and GPU operators unless the decoder is "cpu".
 
         DALI checks operator devices and argument inputs here; only ``build()`` needs the GPU, so
         ``device_id=None`` defines the GPU graph on a machine without one (as the tests do)."""
-        gpu = self.device.type == "cuda"
-        return _graph(self._feed, self.views, self.image_size, "mixed" if gpu else "cpu",
+        return _graph(self._feed, self.views, self.image_size, self.decoder,
                       batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=_PREFETCH)
 
     def _build(self):
-        pipe = self.define((self.device.index or 0) if self.device.type == "cuda" else None)
+        pipe = self.define((self.device.index or 0) if self.decoder == "mixed" else None)
         pipe.build()
         return pipe
 
@@ -386,10 +394,11 @@ class _Runner:
     def _to_torch(self, outputs) -> list[torch.Tensor]:
         """Copies of the outputs (DALI reuses its buffers on the next run) as torch tensors on ``device``."""
         labels = torch.from_numpy(np.asarray(outputs[-1].as_tensor()).copy()).to(self.device, non_blocking=True)
-        if self.device.type != "cuda":
-            # A numpy view of DALI's buffer, then one memcpy: about 3x faster than np.array's element-wise
-            # buffer-protocol copy and several times faster than feed_ndarray into a fresh CPU tensor.
-            return [torch.from_numpy(np.asarray(out.as_tensor()).copy()) for out in outputs[:-1]] + [labels]
+        if self.decoder == "cpu":
+            # A numpy view of DALI's buffer, then one memcpy: cheaper than np.array's element-wise
+            # buffer-protocol copy or feed_ndarray into a fresh CPU tensor.
+            views = [torch.from_numpy(np.asarray(out.as_tensor()).copy()) for out in outputs[:-1]]
+            return [view.to(self.device, non_blocking=True) for view in views] + [labels]
         stream = torch.cuda.current_stream(self.device)
         views = []
         for out in outputs[:-1]:
@@ -426,6 +435,13 @@ class _Runner:
                 if not self._find_bad(batches[done: done + _PREFETCH + 1]):
                     raise
 
+    def check(self, batch: Sequence[int], params: Callable[[int, np.ndarray], list]) -> None:
+        """Build the pipeline and run ``batch`` through it as a one-batch epoch, which leaves the pipeline
+        idle for the first real epoch: a graph that cannot run here (no nvJPEG, a GPU or driver DALI does
+        not support) fails now, before the model is built, and costs no second build when it works."""
+        for _ in self.run([batch], params):
+            pass
+
 
 class DaliTrainLoader(ShardedEpochs):
     """Two-view batches ``(view1, view2, labels)`` of one rank's shard, on ``device``.
@@ -436,13 +452,26 @@ class DaliTrainLoader(ShardedEpochs):
     """
 
     def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device | str,
-                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1):
+                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1,
+                 decoder: str | None = None):
         if recipe not in RECIPE_VIEWS:
             raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {tuple(RECIPE_VIEWS)}")
         super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
         self.views = RECIPE_VIEWS[recipe]
         self.image_size = image_size
-        self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads)
+        self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads, decoder)
+
+    def define(self, device_id: int | None):
+        """The pipeline, defined but not built (``_Runner.define``): with ``device_id=None`` the GPU graph's
+        device checks run on a machine without a GPU."""
+        return self._runner.define(device_id)
+
+    def check(self) -> None:
+        """One batch of the current epoch's first samples through the pipeline (``_Runner.check``)."""
+        seed = self.epoch_seed()
+        self._runner.check(self.epoch_indices()[:self.batch_size],
+                           lambda step, sizes: batch_params(self.views, sizes, self.image_size,
+                                                            np.random.default_rng([seed, step])))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices, slots = self.epoch_indices(), self.epoch_slots()
@@ -464,7 +493,7 @@ class DaliEvalLoader:
     last batch possibly smaller: Resize(int(S*8/7), bicubic) + CenterCrop(S) + ImageNet normalisation."""
 
     def __init__(self, index: FolderIndex, batch_size: int, image_size: int, device: torch.device | str,
-                 num_threads: int, shard_id: int = 0, num_shards: int = 1):
+                 num_threads: int, shard_id: int = 0, num_shards: int = 1, decoder: str | None = None):
         self.index = index
         self.classes = index.classes
         self.image_size = image_size
@@ -472,10 +501,14 @@ class DaliEvalLoader:
         if not samples:
             raise DatasetError(f"{str(index.root)!r} has no image for shard {shard_id} of {num_shards}")
         self._batches = [samples[i: i + batch_size] for i in range(0, len(samples), batch_size)]
-        self._runner = _Runner(index, (EVAL_VIEW,), batch_size, image_size, device, num_threads)
+        self._runner = _Runner(index, (EVAL_VIEW,), batch_size, image_size, device, num_threads, decoder)
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    def check(self) -> None:
+        """The first batch through the pipeline (``_Runner.check``)."""
+        self._runner.check(self._batches[0], self._params)
 
     def _params(self, step: int, sizes: np.ndarray) -> list:
         return batch_params((EVAL_VIEW,), sizes, self.image_size, None)

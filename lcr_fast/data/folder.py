@@ -6,6 +6,7 @@ other too, and labels always follow the sorted class-folder names as torchvision
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,10 +30,6 @@ class FolderIndex:
     classes: list[str]
     samples: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,10 +64,12 @@ def scan_split(data_dir: str | os.PathLike, split: str, check: bool = True, num_
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DatasetError(f"data directory {str(data_dir)!r} does not exist")
+        problem = "is a file, not a directory" if data_dir.exists() else "does not exist"
+        raise DatasetError(f"data directory {str(data_dir)!r} {problem}")
     root = data_dir / split
     if not root.is_dir():
-        raise DatasetError(f"{str(data_dir)!r} has no {split!r} folder (expected {str(root)!r} with one sub-folder per class)")
+        raise DatasetError(f"{str(data_dir)!r} has no {split!r} folder "
+                           f"(expected {str(root)!r} with one sub-folder per class)")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise DatasetError(f"{str(root)!r} has no class sub-folders")
@@ -98,7 +97,8 @@ def scan_split(data_dir: str | os.PathLike, split: str, check: bool = True, num_
         raise DatasetError(f"class folder(s) with no usable image in {str(root)!r}: {', '.join(empty)}")
     if skipped:
         examples = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
-        warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {len(candidates)} ({examples})", stacklevel=2)
+        warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {len(candidates)} ({examples})",
+                      stacklevel=2)
     return FolderIndex(root=root, classes=classes, samples=samples, skipped=skipped)
 
 
@@ -112,3 +112,32 @@ def check_same_classes(train: FolderIndex, test: FolderIndex) -> None:
         f"train and test class folders differ ({len(train.classes)} vs {len(test.classes)} classes); "
         f"only in train: {only_train[:10]}; only in test: {only_test[:10]}"
     )
+
+
+def _class_members(index: FolderIndex) -> list[list[int]]:
+    members: list[list[int]] = [[] for _ in index.classes]
+    for i, (_, label) in enumerate(index.samples):
+        members[label].append(i)
+    return members
+
+
+def check_hold_out(index: FolderIndex, per_class: int) -> None:
+    """DatasetError naming the classes that cannot give ``per_class`` images and keep one to train on."""
+    short = [f"{name} ({len(m)})" for name, m in zip(index.classes, _class_members(index)) if len(m) <= per_class]
+    if short:
+        raise DatasetError(f"data.val_per_class={per_class} holds out {per_class} image(s) per class and leaves at "
+                           f"least one to train on, but {len(short)} class(es) of {str(index.root)!r} have "
+                           f"{per_class} or fewer: {', '.join(short[:10])}; lower data.val_per_class")
+
+
+def hold_out(index: FolderIndex, per_class: int, seed: int) -> tuple[FolderIndex, FolderIndex]:
+    """(training part, validation part) of ``index``: ``per_class`` images of every class, drawn with
+    ``seed``, form the validation part; the others stay for training, in the index's order. Every
+    class must keep at least one training image (``check_hold_out``)."""
+    check_hold_out(index, per_class)
+    members = _class_members(index)
+    rng = random.Random(seed)
+    held = {i for m in members for i in rng.sample(m, per_class)}
+    train = [s for i, s in enumerate(index.samples) if i not in held]
+    val = [s for i, s in enumerate(index.samples) if i in held]
+    return FolderIndex(index.root, index.classes, train, index.skipped), FolderIndex(index.root, index.classes, val)

@@ -55,9 +55,10 @@ def _same_shape(out_shapes, in_shapes):
 
 @functools.cache
 def _cpu_operator() -> NumbaFunction:
-    # Compiling takes about 1.5 s; the operator object can be called in any number of pipelines.
+    # Compiled once per process (seconds); the operator object can be called in any number of pipelines.
     return NumbaFunction(run_fn=_run, setup_fn=_same_shape, out_types=[types.UINT8],
-                         in_types=[types.UINT8, types.FLOAT, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 2, 2], device="cpu")
+                         in_types=[types.UINT8, types.FLOAT, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 2, 2],
+                         device="cpu")
 
 
 def recolour_ops(images: DataNode, M: DataNode, K: DataNode) -> DataNode:

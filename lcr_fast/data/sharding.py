@@ -16,7 +16,8 @@ def sample_seed(epoch_seed: int, slot: int) -> int:
     return (epoch_seed * 1_000_003 + slot) % (2**62)
 
 
-def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> list[int]:
+def epoch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, shard_id: int = 0,
+                  num_shards: int = 1) -> list[int]:
     """This rank's sample indices for ``epoch``, in batch order.
 
     Global step s covers permutation slots [s*G, (s+1)*G) with G = batch_size * num_shards, and rank r
@@ -49,7 +50,8 @@ class ShardedEpochs:
     run move between numbers of ranks and stay exact.
     """
 
-    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int, micro_batches: int = 1):
+    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int,
+                 micro_batches: int = 1):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")
         if micro_batches < 1:

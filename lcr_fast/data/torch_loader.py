@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -18,7 +18,7 @@ def _load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class _FolderDataset(Dataset):
+class FolderDataset(Dataset):
     """Images of a FolderIndex through ``transform``; a file that fails to decode at read time is
     replaced by the next usable one (with a warning) so that a damaged file cannot end a run."""
 
@@ -29,7 +29,7 @@ class _FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, item: int | tuple[int, int]):
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
         """``item`` is a sample index, or (index, seed) to draw the augmentation from its own seed."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         for offset in range(len(self.index.samples)):
@@ -68,7 +68,7 @@ class TorchTrainLoader(ShardedEpochs):
         super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
         self.device = torch.device(device)
         self.num_workers = num_workers
-        self.dataset = _FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
+        self.dataset = FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         # Each sample's augmentation has its own seed (epoch, slot), so the batches from any start
@@ -100,7 +100,7 @@ class TorchEvalLoader:
         self.device = torch.device(device)
         samples = list(range(shard_id, len(index), num_shards))
         self.loader = DataLoader(
-            torch.utils.data.Subset(_FolderDataset(index, transform or eval_transform(image_size)), samples),
+            torch.utils.data.Subset(FolderDataset(index, transform or eval_transform(image_size)), samples),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,

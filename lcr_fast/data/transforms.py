@@ -55,7 +55,8 @@ def byol_view_transforms(image_size: int) -> tuple[Callable, Callable]:
 
     def common() -> list:
         return [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
@@ -64,7 +65,8 @@ def byol_view_transforms(image_size: int) -> tuple[Callable, Callable]:
     view1 = T.Compose(common() + [T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))] + _normalize())
     view2 = T.Compose(
         common()
-        + [T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=0.1), T.RandomApply([Solarize()], p=0.2)]
+        + [T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=0.1),
+           T.RandomApply([Solarize()], p=0.2)]
         + _normalize()
     )
     return view1, view2
@@ -93,9 +95,21 @@ def two_view_transforms(recipe: str, image_size: int) -> tuple[Callable, Callabl
     raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {RECIPES}")
 
 
+def linear_train_transform(image_size: int) -> Callable:
+    """The training images of BYOL's linear evaluation (the reference's ``Transform_single`` with
+    ``train_classifier=True``): RandomResizedCrop (bicubic) + flip, no colour augmentation."""
+    return T.Compose(
+        [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                             interpolation=T.InterpolationMode.BICUBIC),
+         T.RandomHorizontalFlip()]
+        + _normalize()
+    )
+
+
 def eval_transform(image_size: int) -> Callable:
     """Resize(8/7 of the crop, bicubic) + CenterCrop, as the reference's evaluation loaders."""
     return T.Compose(
-        [T.Resize(eval_resize(image_size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)] + _normalize()
+        [T.Resize(eval_resize(image_size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+        + _normalize()
     )
 

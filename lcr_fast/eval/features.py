@@ -35,17 +35,28 @@ def extract_features(model: nn.Module, loader, keys: tuple[str, ...] = ("gap", "
 
 
 def evaluate(model: nn.Module, memory_loader, test_loader, k: int = 200, t: float = 0.1, retrieval: bool = True,
-             progress: bool = False, autocast=None) -> dict:
+             progress: bool = False, autocast=None, val_loader=None) -> dict:
     """kNN accuracy (GAP features, train split as the bank; the reference's monitor) and, with
     ``retrieval``, leave-one-out retrieval on the test split with rationale features (the reference's
-    protocol) and with GAP features for comparison."""
-    test_feats, test_labels = extract_features(model, test_loader, progress=progress, desc="test features", autocast=autocast)
+    protocol) and with GAP features for comparison. With ``val_loader`` (images held out of the
+    training split), "validation" holds its kNN accuracy against the same bank and its leave-one-out
+    retrieval among themselves (rationale features): the figures a model is selected by."""
+    test_feats, test_labels = extract_features(model, test_loader, progress=progress, desc="test features",
+                                               autocast=autocast)
     bank_feats, bank_labels = extract_features(model, memory_loader, keys=("gap",), progress=progress,
                                                desc="train features", autocast=autocast)
+    num_classes = len(test_loader.classes)
     results = {"knn_top1": knn_accuracy(bank_feats["gap"], bank_labels, test_feats["gap"], test_labels, k=k, t=t,
-                                        num_classes=len(test_loader.classes))}
+                                        num_classes=num_classes)}
     if retrieval:
         results["retrieval"] = retrieval_metrics(test_feats["rationale"], test_labels)
         results["retrieval_gap"] = retrieval_metrics(test_feats["gap"], test_labels)
+    if val_loader is not None:
+        val_feats, val_labels = extract_features(model, val_loader, progress=progress, desc="validation features",
+                                                 autocast=autocast)
+        results["validation"] = {
+            "knn_top1": knn_accuracy(bank_feats["gap"], bank_labels, val_feats["gap"], val_labels, k=k, t=t,
+                                     num_classes=num_classes),
+            **retrieval_metrics(val_feats["rationale"], val_labels)}
     return results
 

@@ -37,7 +37,7 @@ def _count_by_comparing(sim: Tensor, positive_scores: Tensor, positives: Tensor)
     """(items scoring more than each positive slot [B, S], rows where a non-positive ties a positive [B])."""
     b, s = positive_scores.shape[0], positive_scores.shape[1] - 1
     # The masks are written as 0.0 / 1.0 floats and summed as such (exact for counts below 2**24 in
-    # float32): on a CPU that is ~4x faster than a bool mask, which a sum first widens to integers.
+    # float32): on a CPU that beats a bool mask, which a sum first widens to integers.
     dtype = sim.dtype if sim.shape[1] < 2**24 else torch.float64
     greater = torch.zeros(b, s, dtype=dtype, device=sim.device)
     equal = torch.zeros(b, s, dtype=dtype, device=sim.device)
@@ -105,6 +105,52 @@ def _sorted_rows(sim: Tensor, hit: Tensor) -> tuple[int, int, float, int]:
             int((positives > 0).sum()))
 
 
+def _score_chunk(sim: Tensor, start: int, labels: Tensor, table: Tensor, group: Tensor,
+                 inf_column: Tensor) -> tuple[int, int, float, int]:
+    """(rank-1 hits, rank-5 hits, AP sum, queries with a positive) of the queries ``start`` onwards
+    whose similarities to every item are the rows of ``sim`` (overwritten)."""
+    device = sim.device
+    b, s = sim.shape[0], table.shape[1]  # slots per query: its class's members, itself included (masked)
+    rows = torch.arange(b, device=device)
+    query = rows + start
+    # The query itself sinks to the last place (and is never counted as ranked before anything).
+    sim[rows, query] = -torch.inf
+
+    # The query's positives: its class's members other than itself. Empty slots point at the
+    # query itself and score +inf, as does one extra slot, so no finite score lies above them.
+    members = table[group[start:start + b]]
+    valid = (members >= 0) & (members != query[:, None])
+    members = torch.where(valid, members, query[:, None])
+    positive_scores = torch.cat([sim.gather(1, members).masked_fill_(~valid, torch.inf), inf_column[:b]], dim=1)
+    positive_scores = positive_scores.sort(dim=1).values
+    positives = valid.sum(dim=1)
+    slot = torch.arange(s, device=device)
+    is_positive = slot < positives[:, None]  # sorted: the positives fill the first slots
+
+    # How many items score more than each positive (the query itself scores -inf: never), and
+    # whether an item other than the positives scores exactly as much as one of them; there the
+    # tie rule (index order) decides, so such rows take the stable sort. Rare with real-valued
+    # features (duplicate images, a collapsed model).
+    count = _count_by_comparing if s <= COMPARE_MAX_CLASS_SIZE else _count_by_searching
+    greater, tie_rows = count(sim, positive_scores, positives)
+    # Positives of equal score: the lower ascending slot is ranked after the higher ones.
+    tied_above = torch.searchsorted(positive_scores, positive_scores[:, :s].contiguous(), right=True) - 1 - slot
+    rank0 = greater + tied_above
+    # Ascending slot a of a query with P positives is its (P - a)-th best positive.
+    found = positives[:, None] - slot
+    precision = torch.where(is_positive, found.double() / (rank0 + 1).double(), 0.0)
+    ap = precision.sum(dim=1) / positives.clamp(min=1)
+    best = rank0.gather(1, (positives - 1).clamp(min=0)[:, None])[:, 0]
+    fast = ~tie_rows & (positives > 0)
+    counts = (int((fast & (best == 0)).sum()), int((fast & (best < 5)).sum()), float(ap[fast].sum()),
+              int(fast.sum()))
+    if bool(tie_rows.any()):
+        hit = labels[None, :] == labels[start:start + b, None]
+        hit[rows, query] = False
+        counts = tuple(mine + tied for mine, tied in zip(counts, _sorted_rows(sim[tie_rows], hit[tie_rows])))
+    return counts
+
+
 @torch.no_grad()
 def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024,
                       max_matrix_bytes: int = 2**28) -> dict[str, float]:
@@ -140,57 +186,16 @@ def retrieval_metrics(features: Tensor, labels: Tensor, chunk_size: int = 1024,
     device = features.device
     labels = labels.to(device)
     table, group = _class_members(labels)
-    s = table.shape[1]  # slots per query: its class's members, itself included (masked below)
-    rows_max = min(chunk_size, n)
-    inf_column = torch.full((rows_max, 1), torch.inf, dtype=features.dtype, device=device)
+    inf_column = torch.full((min(chunk_size, n), 1), torch.inf, dtype=features.dtype, device=device)
     full = _symmetric_similarity(features) if n * n * features.element_size() <= max_matrix_bytes else None
-    hits1 = hits5 = with_positives = 0
-    ap_sum = 0.0
+    totals = [0, 0, 0.0, 0]  # rank-1 hits, rank-5 hits, AP sum, queries with a positive
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        b = stop - start
-        rows = torch.arange(b, device=device)
-        query = rows + start
         sim = full[start:stop] if full is not None else features[start:stop] @ features.T
-        # The query itself sinks to the last place (and is never counted as ranked before anything).
-        sim[rows, query] = -torch.inf
-
-        # The query's positives: its class's members other than itself. Empty slots point at the
-        # query itself and score +inf, as does one extra slot, so no finite score lies above them.
-        members = table[group[start:stop]]
-        valid = (members >= 0) & (members != query[:, None])
-        members = torch.where(valid, members, query[:, None])
-        positive_scores = torch.cat([sim.gather(1, members).masked_fill_(~valid, torch.inf), inf_column[:b]], dim=1)
-        positive_scores = positive_scores.sort(dim=1).values
-        positives = valid.sum(dim=1)
-        slot = torch.arange(s, device=device)
-        is_positive = slot < positives[:, None]  # sorted: the positives fill the first slots
-
-        # How many items score more than each positive (the query itself scores -inf: never), and
-        # whether an item other than the positives scores exactly as much as one of them; there the
-        # tie rule (index order) decides, so such rows take the stable sort. Rare with real-valued
-        # features (duplicate images, a collapsed model).
-        count = _count_by_comparing if s <= COMPARE_MAX_CLASS_SIZE else _count_by_searching
-        greater, tie_rows = count(sim, positive_scores, positives)
-        # Positives of equal score: the lower ascending slot is ranked after the higher ones.
-        tied_above = torch.searchsorted(positive_scores, positive_scores[:, :s].contiguous(), right=True) - 1 - slot
-        rank0 = greater + tied_above
-        # Ascending slot a of a query with P positives is its (P - a)-th best positive.
-        found = positives[:, None] - slot
-        precision = torch.where(is_positive, found.double() / (rank0 + 1).double(), 0.0)
-        ap = precision.sum(dim=1) / positives.clamp(min=1)
-        best = rank0.gather(1, (positives - 1).clamp(min=0)[:, None])[:, 0]
-        fast = ~tie_rows & (positives > 0)
-        hits1 += int((fast & (best == 0)).sum())
-        hits5 += int((fast & (best < 5)).sum())
-        ap_sum += float(ap[fast].sum())
-        with_positives += int(fast.sum())
-        if bool(tie_rows.any()):
-            hit = labels[None, :] == labels[start:stop, None]
-            hit[rows, query] = False
-            h1, h5, ap_part, wp = _sorted_rows(sim[tie_rows], hit[tie_rows])
-            hits1, hits5, ap_sum, with_positives = hits1 + h1, hits5 + h5, ap_sum + ap_part, with_positives + wp
+        counts = _score_chunk(sim, start, labels, table, group, inf_column)
+        totals = [total + count for total, count in zip(totals, counts)]
         del sim
+    hits1, hits5, ap_sum, with_positives = totals
     return {
         "rank1": hits1 / n,
         "rank5": hits5 / n,

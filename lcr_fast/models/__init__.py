@@ -1,6 +1,7 @@
 """Model construction from a config."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import COMPILE_MODES
@@ -32,7 +33,8 @@ def compile_backbones(model: nn.Module, mode: str) -> None:
 
     Only the trunks: they hold nearly all the compute, and their backward is only ever taken once,
     while GradCAM's ``autograd.grad`` and the rationale loss's second path through cam run in the
-    eager heads. ``Module.compile`` keeps parameter names, so checkpoints do not change.
+    eager heads. Each trunk's ``forward`` is replaced on the instance, not wrapped in a new module, so
+    parameter names and checkpoints do not change, and ``eager_backbones`` can put it back.
     """
     if mode == "none":
         return
@@ -41,4 +43,12 @@ def compile_backbones(model: nn.Module, mode: str) -> None:
     options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
     for module in model.modules():
         if isinstance(module, ResNetTrunk):
-            module.compile(**options)
+            module.forward = torch.compile(module.forward, **options)
+
+
+def eager_backbones(model: nn.Module) -> None:
+    """Undo ``compile_backbones``: every ResNet trunk runs its class's eager ``forward`` again (the
+    start-up check's fallback when compiling fails)."""
+    for module in model.modules():
+        if isinstance(module, ResNetTrunk):
+            module.__dict__.pop("forward", None)

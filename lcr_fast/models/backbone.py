@@ -13,7 +13,8 @@ from torchvision import models as tvm
 
 # The reference's BYOL backbones: ResNet-50 whose forward skips the stem max-pool (layer4 at input/16).
 REFERENCE_BACKBONES = ("resnet50_cub200", "resnet50_stanfordcars", "resnet50_aircrafts")
-_ARCHS = {"resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1), "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1)}
+_ARCHS = {"resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
+          "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1)}
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -73,7 +74,8 @@ def load_pretrained(trunk: ResNetTrunk, arch: str, pretrained: str | None) -> No
     own = trunk.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise PretrainedWeightsError(
             f"pretrained weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "

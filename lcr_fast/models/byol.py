@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcr_fast.kernels import byol_loss, ema_update, gradcam, rationale_kl
+from lcr_fast.objective import lcr_objective
 
 from .heads import MLP
 from .rationale import RationaleDetector
@@ -20,9 +21,10 @@ def global_pool(feat: torch.Tensor) -> torch.Tensor:
 class BYOL(nn.Module):
     """Online network (backbone, projector, predictor), EMA target, rationale detector.
 
-    ``forward`` changes no parameter: the EMA step is ``momentum_update()``, which the engine calls
-    once per optimizer step right before that step's first forward (the reference runs it at the
-    start of its forward, so its checkpoints hold weights whose EMA is still pending).
+    ``forward`` changes no parameter: the EMA step is ``momentum_update()``, which
+    ``lcr_fast.loop.train_step`` calls once per optimizer step right before that step's first forward
+    (the reference runs it at the start of its forward, so its checkpoints hold weights whose EMA is
+    still pending).
     """
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256, tau: float = 0.996,
@@ -76,12 +78,14 @@ class BYOL(nn.Module):
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad1)
         attention = self.rationale(feat1)
         rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=True)
-        loss = ssl_loss + self.rationale_weight * rationale_loss
-        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam, "attention": attention}
+        loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)
+        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam,
+                "attention": attention}
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Evaluation features, both L2-normalised: GAP of layer4, and the rationale-weighted pooling."""
         feat = self.backbone(images)
         attention = self.rationale(feat)
-        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention), "attention": attention}
+        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention),
+                "attention": attention}

@@ -10,7 +10,8 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
         super().__init__()
-        self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1),
+                                    nn.ReLU(inplace=True))
         self.layer2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,27 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lcr_fast.config import ConfigError
 from lcr_fast.kernels import ema_update, gradcam, infonce_queue, rationale_kl
 from lcr_fast.kernels.dispatch import memory_format_of
+from lcr_fast.objective import lcr_objective
 
 from .byol import global_pool
 from .rationale import RationaleDetector
-
-
-def check_queue_size(K: int, global_batch: int) -> None:
-    """Fail at start-up unless the queue takes a whole number of global batches (the reference asserts it
-    on the first step). Raises ConfigError (a ValueError) naming nearby valid sizes."""
-    if not isinstance(global_batch, int) or global_batch < 1:
-        raise ConfigError(f"train.batch_size must be a positive integer, got {global_batch!r}")
-    if isinstance(K, int) and K >= global_batch and K % global_batch == 0:
-        return
-    below = max(1, K // global_batch) if isinstance(K, int) else 1
-    sizes = sorted({global_batch * n for n in range(max(1, below - 1), below + 3)})
-    raise ConfigError(
-        f"model.moco_k={K!r} is not a multiple of the global batch train.batch_size={global_batch}: the queue is "
-        f"refilled one global batch at a time. Nearby valid sizes: {', '.join(map(str, sizes))}"
-    )
 
 
 def _world() -> tuple[int, int]:
@@ -69,8 +54,8 @@ class MoCo(nn.Module):
 
     ``forward`` changes no parameter; besides BatchNorm statistics its one state change is the
     enqueue of this step's keys (all ranks'), as in the reference. The key encoder's EMA step is
-    ``momentum_update()``, which the engine calls once per optimizer step right before the forward
-    (the reference runs it inside forward, before the keys, so the result is the same).
+    ``momentum_update()``, which ``lcr_fast.loop.train_step`` calls once per optimizer step right
+    before the forward (the reference runs it inside forward, before the keys: the same result).
     """
 
     def __init__(self, backbone: nn.Module, dim: int = 256, K: int = 65536, m: float = 0.999, T: float = 0.2,
@@ -87,7 +72,7 @@ class MoCo(nn.Module):
         self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.rationale_weight = rationale_weight  # nu; train.py scales it by the world size
+        self.rationale_weight = rationale_weight  # nu (lcr_fast.objective scales it by the pieces of a step)
         self.flatten_kl = flatten_kl
         self.detach_cam = detach_cam
         # The reference's unused max-branch tensors when this model was read from one of its files
@@ -143,8 +128,8 @@ class MoCo(nn.Module):
     def _enqueue(self, keys: torch.Tensor) -> None:
         """Replace the oldest ``len(keys)`` columns of the queue; the pointer stays on the device (no host sync)."""
         n = keys.shape[0]
-        if self.K % n:
-            check_queue_size(self.K, n)
+        if self.K % n:  # config.validate checks the training batch; this catches other callers
+            raise ValueError(f"the MoCo queue size K={self.K} is not a multiple of the {n} keys to enqueue")
         cols = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % self.K
         self.queue.index_copy_(1, cols, keys.T.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
@@ -171,12 +156,14 @@ class MoCo(nn.Module):
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad_q)
         # The reference's KL: softmax over the last axis only (rows of w), no temperature, reduction sum.
         rationale_loss = rationale_kl(cam, attention, 1.0, flatten=self.flatten_kl)
-        loss = ssl_loss + self.rationale_weight * rationale_loss
-        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam, "attention": attention}
+        loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)
+        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam,
+                "attention": attention}
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Evaluation features, both L2-normalised: GAP of layer4, and the rationale-weighted pooling."""
         feat = self.backbone(images)
         attention = self.rationale(feat)
-        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention), "attention": attention}
+        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention),
+                "attention": attention}
