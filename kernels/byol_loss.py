@@ -82,6 +82,6 @@ def byol_loss_torch(p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor, z1: to
 
 def byol_loss(p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
     """Symmetrised negative cosine of predictions [B, D] against detached targets; fp32 scalar."""
-    if not use_triton(p1):
+    if not use_triton(p1, op="byol_loss"):
         return byol_loss_torch(p1, z2, p2, z1)
     return BYOLLossFunction.apply(p1, z2.detach(), p2, z1.detach())

@@ -2,8 +2,14 @@
 
 ``LCR_KERNELS`` is read at every call (not at import) so that tests and users can switch backends
 without re-importing: ``auto`` (Triton for CUDA tensors, torch otherwise), ``triton`` or ``torch``.
+One op's Triton path can also be switched off for the process (``disable``): the start-up self-check
+(``lcr_fast.selfcheck``) does so for an op whose kernel fails or disagrees with its reference here.
 """
+import contextlib
+import contextvars
 import os
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -36,6 +42,18 @@ except ImportError:
 MODES = ("auto", "triton", "torch")
 
 
+@dataclass
+class GPUPlan:
+    """The GPU that launch plans are made for inside ``planning_for_gpu``."""
+
+    sm_count: int
+    sm_count_read: bool = False  # a plan used sm_count: its launches depend on the GPU model
+
+
+_PLAN: contextvars.ContextVar[GPUPlan | None] = contextvars.ContextVar("gpu_plan", default=None)
+_DISABLED: dict[str, str] = {}  # op -> why its Triton path is off in this process
+
+
 def kernel_mode() -> str:
     mode = os.environ.get("LCR_KERNELS", "auto").strip().lower()
     if mode not in MODES:
@@ -43,21 +61,65 @@ def kernel_mode() -> str:
     return mode
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """True when the op on tensor ``x`` should run the Triton kernel."""
+def disable(op: str, reason: str) -> None:
+    """From now on in this process, ``op`` takes its torch path (``reason`` says why)."""
+    _DISABLED[op] = reason
+
+
+def enable_all() -> None:
+    """Every op may take its Triton path again (the self-check re-decides each op from scratch)."""
+    _DISABLED.clear()
+
+
+def disabled() -> dict[str, str]:
+    """The ops switched off by ``disable``, with the reason of each."""
+    return dict(_DISABLED)
+
+
+def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
+    """True when ``op`` on tensor ``x`` should run the Triton kernel."""
     mode = kernel_mode()
-    if mode == "torch":
+    # Ahead-of-time recording (planning_for_gpu) wants every kernel's launches, whatever failed here.
+    if mode == "torch" or (op in _DISABLED and _PLAN.get() is None):
         return False
     if mode == "auto":
         return HAS_TRITON and x.is_cuda
     if not HAS_TRITON:
         raise RuntimeError("LCR_KERNELS=triton but triton cannot be imported")
-    if not x.is_cuda and not INTERPRETED:
+    if not x.is_cuda and not INTERPRETED and _PLAN.get() is None:
         raise RuntimeError(
             "LCR_KERNELS=triton was given a CPU tensor: Triton runs on CPU only in its interpreter, "
             "which needs TRITON_INTERPRET=1 in the environment before triton is first imported"
         )
     return True
+
+
+@contextlib.contextmanager
+def planning_for_gpu(sm_count: int) -> Iterator[GPUPlan]:
+    """Within the block, launches are planned as on a GPU with ``sm_count`` SMs, CPU tensors' too.
+
+    For ahead-of-time compile checks (``kernels.aot``), which record a GPU's launches on a machine
+    without one and intercept them: a kernel that ran so would lack the interpreter's workarounds.
+    """
+    token = _PLAN.set(GPUPlan(int(sm_count)))
+    try:
+        yield _PLAN.get()
+    finally:
+        _PLAN.reset(token)
+
+
+def sm_count(x: torch.Tensor) -> int:
+    """SMs a launch on ``x`` should fill: those of the planned GPU, of x's GPU, or 1 in the interpreter."""
+    plan = _PLAN.get()
+    if plan is not None:
+        plan.sm_count_read = True
+        return plan.sm_count
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+
+
+def interpreted(x: torch.Tensor) -> bool:
+    """True when a launch on ``x`` runs in Triton's CPU interpreter (and is not planned for a GPU)."""
+    return INTERPRETED and not x.is_cuda and _PLAN.get() is None
 
 
 def next_pow2(n: int) -> int:

@@ -1,9 +1,9 @@
 """EMA of the target / key encoder: target = tau * target + (1 - tau) * source, in place.
 
 Kept on torch._foreach_*: one fused Triton pass would move ~3 bytes per parameter byte instead of
-~7, i.e. about 0.1 ms per step for ResNet-50 on an H200, which a list-of-pointers kernel does not
-pay for. The two foreach calls round exactly like the reference's ``tau * t + (1 - tau) * s``
-(each product rounded, then the sum), which torch._foreach_add_(alpha=...) or lerp would not.
+~7, a saving too small next to a step to pay for a list-of-pointers kernel. The two foreach calls
+round exactly like the reference's ``tau * t + (1 - tau) * s`` (each product rounded, then the
+sum), which torch._foreach_add_(alpha=...) or lerp would not.
 """
 import torch
 

@@ -95,6 +95,6 @@ def gradcam_torch(feat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def gradcam(feat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """relu(sum over channels of feat * grad): [B, C, h, w] x2 -> [B, h, w]; differentiable in feat."""
-    if not use_triton(feat):
+    if not use_triton(feat, op="gradcam"):
         return gradcam_torch(feat, grad)
     return GradCAMFunction.apply(feat, grad.detach())

@@ -6,52 +6,65 @@ reads them again backward. Here each program streams a slice of the queue throug
 softmax (flash-decoding style: the K axis is split over programs so a batch of 128 still fills
 the GPU), a small kernel merges the slices' (max, sum) with the positive logit, and backward
 recomputes the tile logits to accumulate dq = sum_j p_j queue_j per slice. fp32 operands use
-3xTF32 tensor-core products, which keep fp32 accuracy (plain TF32 would move logits by ~1e-3).
+3xTF32 tensor-core products, which keep fp32 accuracy: at K = 65536 the loss and dq are as close to
+fp64 as with fp32 products (1e-7), where plain TF32 moves logits by up to 3e-3, the loss by 3e-4 and
+dq by 3e-4 relative (benchmarks/infonce_precision.py).
 """
 import torch
-import torch.nn.functional as F
 
-from .dispatch import INTERPRETED, next_pow2, tl, triton, use_triton
+from .dispatch import interpreted, next_pow2, sm_count, tl, triton, use_triton
 
-TILE_BYTES = 32768        # per operand tile: bounds shared memory at D = 256 on every GPU we target
+# The queue kernels' tiles, chosen with benchmarks/kernel_resources.py (ptxas at sm_80 and sm_90): on fp32
+# inputs (3xTF32 keeps two halves of every operand) 16 rows x 32 keys per step, D in chunks of 64, 8 warps
+# and 2 stages take 113 (forward) and 166 (backward) registers and 24 KB of shared memory, without spills.
+# With 32 rows the backward spills on sm_90; with 64 keys it needs 238-255 registers, with 4 warps 254;
+# with D in one piece the backward spilled in every tiling tried (84 B to 20 KB per thread).
+BLOCK_B = 16
+BLOCK_K = 32
+BLOCK_DC = 64
+NUM_WARPS = 8
+NUM_STAGES = 2
 PROGRAMS_PER_SM = 2
 BLOCK_ROWS = 16           # rows per program in the small merge / finish kernels
 
 
 @triton.jit
-def _logits_tile(q, queue_ptr, offs_d, offs_k, D, K, qu_sd, qu_sk, inv_t,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr):
-    mask = (offs_d[:, None] < D) & (offs_k[None, :] < K)
-    kt = tl.load(queue_ptr + offs_d[:, None] * qu_sd + offs_k[None, :] * qu_sk, mask=mask, other=0.0)
-    if UPCAST:
-        kt = kt.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=PREC) * inv_t
-    return tl.where(offs_k[None, :] < K, s, float("-inf")), kt
-
-
-@triton.jit
-def _load_rows(ptr, offs_b, offs_d, B, D, s_b, s_d, UPCAST: tl.constexpr):
-    x = tl.load(ptr + offs_b[:, None] * s_b + offs_d[None, :] * s_d,
-                mask=(offs_b[:, None] < B) & (offs_d[None, :] < D), other=0.0)
+def _load_rows(ptr, offs_r, offs_c, R, C, s_r, s_c, UPCAST: tl.constexpr):
+    x = tl.load(ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c,
+                mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
+def _logits_tile(q_ptr, queue_ptr, offs_b, offs_k, B, D, K, q_sb, q_sd, qu_sd, qu_sk, inv_t,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q[offs_b] @ queue[:, offs_k] / T, -inf past K, summed over chunks of D with q re-read (from L1) per
+    chunk. A whole [BLOCK_B, D] q operand would sit in every warp's registers (BLOCK_B rows are one MMA
+    tile along M): 128 per thread at D = 256, twice that once 3xTF32 splits it, so it spilled."""
+    s = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, BLOCK_D, BLOCK_DC):
+        offs_d = d0 + tl.arange(0, BLOCK_DC)
+        q = _load_rows(q_ptr, offs_b, offs_d, B, D, q_sb, q_sd, UPCAST)
+        kt = _load_rows(queue_ptr, offs_d, offs_k, D, K, qu_sd, qu_sk, UPCAST)
+        s = tl.dot(q, kt, s, input_precision=PREC)
+    return tl.where(offs_k[None, :] < K, s * inv_t, float("-inf"))
+
+
+@triton.jit
 def _infonce_fwd_kernel(q_ptr, queue_ptr, m_ptr, l_ptr, B, D, K, k_per_split, q_sb, q_sd, qu_sd, qu_sk, inv_t,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DC: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b, split = tl.program_id(0), tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr, offs_b, offs_d, B, D, q_sb, q_sd, UPCAST)
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_B], dtype=tl.float32)
     k_lo = split * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        s, _ = _logits_tile(q, queue_ptr, offs_d, k0 + tl.arange(0, BLOCK_K), D, K, qu_sd, qu_sk, inv_t,
-                            UPCAST, PREC)
+        s = _logits_tile(q_ptr, queue_ptr, offs_b, k0 + tl.arange(0, BLOCK_K), B, D, K, q_sb, q_sd, qu_sd, qu_sk,
+                         inv_t, UPCAST, PREC, BLOCK_B, BLOCK_D, BLOCK_DC, BLOCK_K)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -84,20 +97,21 @@ def _infonce_merge_kernel(q_ptr, k_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, pos_ptr
 
 @triton.jit
 def _infonce_bwd_kernel(q_ptr, queue_ptr, lse_ptr, dq_part_ptr, B, D, K, k_per_split, q_sb, q_sd, qu_sd, qu_sk,
-                        inv_t, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                        inv_t, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per slice of the queue: sum_j softmax_j * queue[:, j] for each row (unscaled)."""
     pid_b, split = tl.program_id(0), tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr, offs_b, offs_d, B, D, q_sb, q_sd, UPCAST)
     lse = tl.load(lse_ptr + offs_b, mask=offs_b < B, other=0.0)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     k_lo = split * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        s, kt = _logits_tile(q, queue_ptr, offs_d, k0 + tl.arange(0, BLOCK_K), D, K, qu_sd, qu_sk, inv_t,
-                             UPCAST, PREC)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        s = _logits_tile(q_ptr, queue_ptr, offs_b, offs_k, B, D, K, q_sb, q_sd, qu_sd, qu_sk, inv_t,
+                         UPCAST, PREC, BLOCK_B, BLOCK_D, BLOCK_DC, BLOCK_K)
         p = tl.exp(s - lse[:, None])
+        kt = _load_rows(queue_ptr, offs_d, offs_k, D, K, qu_sd, qu_sk, UPCAST)  # again: L1 / L2 holds it
         acc += tl.dot(p.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     tl.store(dq_part_ptr + split * B * D + offs_b[:, None] * D + offs_d[None, :], acc,
              mask=(offs_b[:, None] < B) & (offs_d[None, :] < D))
@@ -132,18 +146,21 @@ def _plan(q: torch.Tensor, queue: torch.Tensor) -> dict:
     B, D = q.shape
     K = queue.shape[1]
     # Triton's CPU interpreter multiplies bf16/fp16 tiles as raw integers, so it gets fp32 operands
-    upcast = q.dtype != queue.dtype or (INTERPRETED and not q.is_cuda)
-    itemsize = 4 if upcast else q.element_size()
+    upcast = q.dtype != queue.dtype or interpreted(q)
     BLOCK_D = max(16, next_pow2(D))
-    BLOCK_B = max(16, min(64, next_pow2(B), TILE_BYTES // (BLOCK_D * itemsize)))
-    BLOCK_K = max(16, min(128, next_pow2(K), TILE_BYTES // (BLOCK_D * itemsize)))
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     n_b = triton.cdiv(B, BLOCK_B)
     tiles = triton.cdiv(K, BLOCK_K)
-    k_per_split = triton.cdiv(tiles, max(1, PROGRAMS_PER_SM * sms // n_b)) * BLOCK_K
+    k_per_split = triton.cdiv(tiles, max(1, PROGRAMS_PER_SM * sm_count(q) // n_b)) * BLOCK_K
     fp32 = upcast or q.dtype == torch.float32
     return dict(n_b=n_b, n_split=triton.cdiv(K, k_per_split), k_per_split=k_per_split, UPCAST=upcast,
-                PREC="tf32x3" if fp32 else "tf32", BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K)
+                PREC="tf32x3" if fp32 else "tf32", BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_DC=min(BLOCK_DC, BLOCK_D),
+                BLOCK_K=BLOCK_K)
+
+
+def _tiling(plan: dict) -> dict:
+    """The queue kernels' compile-time arguments and launch options."""
+    keys = ("UPCAST", "PREC", "BLOCK_B", "BLOCK_D", "BLOCK_DC", "BLOCK_K")
+    return {**{k: plan[k] for k in keys}, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 class InfoNCEQueueFunction(torch.autograd.Function):
@@ -157,8 +174,7 @@ class InfoNCEQueueFunction(torch.autograd.Function):
         l = torch.empty_like(m)
         _infonce_fwd_kernel[(plan["n_b"], n_split)](
             q, queue, m, l, B, D, K, plan["k_per_split"], *q.stride(), *queue.stride(), 1.0 / temperature,
-            UPCAST=plan["UPCAST"], PREC=plan["PREC"],
-            BLOCK_B=plan["BLOCK_B"], BLOCK_D=plan["BLOCK_D"], BLOCK_K=plan["BLOCK_K"])
+            **_tiling(plan))
         loss_rows = torch.empty(B, device=q.device, dtype=torch.float32)
         lse = torch.empty_like(loss_rows)
         pos = torch.empty_like(loss_rows)
@@ -180,8 +196,7 @@ class InfoNCEQueueFunction(torch.autograd.Function):
         if with_dq:
             _infonce_bwd_kernel[(plan["n_b"], plan["n_split"])](
                 q, queue, lse, dq_part, B, D, K, plan["k_per_split"], *q.stride(), *queue.stride(), ctx.inv_t,
-                UPCAST=plan["UPCAST"], PREC=plan["PREC"],
-                BLOCK_B=plan["BLOCK_B"], BLOCK_D=plan["BLOCK_D"], BLOCK_K=plan["BLOCK_K"])
+                **_tiling(plan))
         dq = torch.empty((B, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, D), device=k.device, dtype=k.dtype)
         _infonce_bwd_finish_kernel[(triton.cdiv(B, BLOCK_ROWS),)](
@@ -194,13 +209,15 @@ class InfoNCEQueueFunction(torch.autograd.Function):
 def infonce_queue_torch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     l_pos = (q * k).sum(1, keepdim=True)
     l_neg = q @ queue.detach()
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits.float(), labels)
+    logits = (torch.cat([l_pos, l_neg], dim=1) / temperature).float()
+    # Cross-entropy with label 0 as log_softmax and a column: F.cross_entropy's NLLLoss raises on CUDA
+    # under torch.use_deterministic_algorithms (engine.deterministic). Both hand log_softmax's backward
+    # the same gradient, so gradients are equal to the bit (the loss to its last bit: another mean order).
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
 
 
 def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy (label 0) of [q.k, q @ queue] / T, mean over rows; q, k [B, D], queue [D, K]."""
-    if not use_triton(q):
+    if not use_triton(q, op="infonce_queue"):
         return infonce_queue_torch(q, k, queue, temperature)
     return InfoNCEQueueFunction.apply(q, k, queue.detach(), float(temperature))

@@ -93,6 +93,6 @@ def rationale_kl_torch(cam: torch.Tensor, att: torch.Tensor, temperature: float,
 
 def rationale_kl(cam: torch.Tensor, att: torch.Tensor, temperature: float, flatten: bool) -> torch.Tensor:
     """sum over rows of KL(softmax(cam/t) || softmax(att/t)); fp32 scalar, gradients to both."""
-    if not use_triton(cam):
+    if not use_triton(cam, op="rationale_kl"):
         return rationale_kl_torch(cam, att, temperature, flatten)
     return RationaleKLFunction.apply(cam, att, float(temperature), bool(flatten))

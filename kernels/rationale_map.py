@@ -209,6 +209,6 @@ def rationale_map_torch(y: torch.Tensor, per_sample: bool = False, eps: float = 
 def rationale_map(y: torch.Tensor, per_sample: bool = False, eps: float = 1e-7) -> torch.Tensor:
     """[B, K, h, w] -> [B, h, w] in [0, 1): channel max of relu(y), min-max scaled over the batch
     (the reference) or per sample."""
-    if not use_triton(y):
+    if not use_triton(y, op="rationale_map"):
         return rationale_map_torch(y, per_sample, eps)
     return RationaleMapFunction.apply(y, per_sample, float(eps))
