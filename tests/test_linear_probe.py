@@ -1,8 +1,16 @@
-"""Linear probes: the cached one learns separable features; the main_lincls protocol runs end to end."""
+"""Linear probes: the cached one learns separable features; the main_lincls protocol runs end to end; BYOL's
+end-of-run linear evaluation reads the eval section and averages as the reference does."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lcr_fast.eval import linear_probe_cached, linear_probe_reference
+from lcr_fast.data import scan_split
+from lcr_fast.eval import linear_eval_lcr, linear_probe_cached, linear_probe_reference
+from lcr_fast.models import build_model
+
+from helpers import tiny_config, write_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_classes(
@@ -57,3 +65,38 @@ def test_reference_protocol_runs_end_to_end() -> None:
     # Chance is 25 %; with four classes every label is in the top 5.
     assert 50.0 < result["top1"] <= 100.0
     assert result["top5"] == 100.0
+
+
+def test_lcr_linear_eval_reads_the_eval_section_and_extracts_every_iteration(tmp_path) -> None:
+    root = write_folder(tmp_path, classes=3, per_class=4, size=40)
+    train, test = scan_split(root, "train"), scan_split(root, "test")
+    cfg = tiny_config(eval={"num_epochs": 2, "batch_size": 5, "base_lr": 12.8, "optimizer": {"momentum": 0.5}})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls, extract = [], model.extract
+
+    def counted(images: torch.Tensor) -> dict:
+        assert not torch.is_grad_enabled() and not model.training
+        calls.append(len(images))
+        return extract(images)
+
+    model.extract = counted
+    result = linear_eval_lcr(model, train, test, cfg, "cpu")
+    # 12 training images in batches of 5, extracted afresh at each of 2 x 3 iterations; then the 12 test images.
+    assert calls == [5, 5, 2] * 2 + [5, 5, 2]
+    assert (result["epochs"], result["steps_per_epoch"], result["steps"], result["batch_size"]) == (2, 3, 6, 5)
+    assert result["lr"] == pytest.approx(12.8 * 5 / 256) and result["momentum"] == 0.5
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # The reference's AverageMeter: each batch's accuracy counts alike, the last batch of 2 as much as those of 5.
+    batches = result["test_batches"]
+    assert [n for _, n in batches] == [5, 5, 2]
+    assert result["top1"] == result["top1_batch_mean"] == pytest.approx(100 * sum(c / n for c, n in batches) / 3)
+    assert result["top1_sample_weighted"] == pytest.approx(100 * sum(c for c, _ in batches) / 12)
+    assert "per-batch" in result["accuracy"]
+
+    weighted = linear_eval_lcr(model, train, test, tiny_config(eval=dict(cfg.eval),
+                                                               fixes={"linear_eval_weighted_accuracy": True}), "cpu")
+    assert weighted["test_batches"] == batches, "the same seed trains the same classifier"
+    assert weighted["top1"] == weighted["top1_sample_weighted"] == result["top1_sample_weighted"]

@@ -1,16 +1,31 @@
-"""Linear probes on a frozen model: a Linear(D, classes) trained with SGD, LR x0.1 at each milestone.
+"""Linear probes on a frozen model: a Linear(D, classes) trained with SGD.
 
-``linear_probe_reference`` is the protocol of GANPerf/LCR ``main_lincls.py``: features are taken
-afresh from augmented images every epoch. ``linear_probe_cached`` trains on features extracted
-once (no augmentation): seconds instead of hours, but without augmentation its numbers are not the
-reference protocol's. Accuracies are in percent, as ``main_lincls.py`` prints them.
+``linear_eval_lcr`` is the linear evaluation the reference's BYOL ``main.py`` runs after training
+(``linear_cub_eval.py``): per-iteration warmup + cosine from the config's ``eval`` section, features
+re-extracted from augmented images at every iteration. ``linear_probe_reference`` is MoCo's
+``main_lincls.py`` (LR x0.1 at each milestone, features taken afresh every epoch).
+``linear_probe_cached`` trains on features extracted once (no augmentation): seconds instead of
+hours, but without augmentation its numbers are neither reference protocol's. Accuracies are in
+percent, as the reference prints them.
 """
+from __future__ import annotations
+
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from lcr_fast.data.folder import FolderIndex
+from lcr_fast.data.torch_loader import FolderDataset, TorchEvalLoader
+from lcr_fast.data.transforms import linear_train_transform
+from lcr_fast.optim import WarmupCosineSchedule
+
+# main_lincls.py's epochs at which the LR drops x0.1, set for its 100 epochs; kept whatever eval.num_epochs says.
+LINCLS_MILESTONES = (60, 80)
 
 
 def _classifier(dim: int, num_classes: int, seed: int, device: torch.device) -> nn.Linear:
@@ -64,7 +79,7 @@ def linear_probe_cached(
     lr: float = 30.0,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    milestones: Sequence[int] = (60, 80),
+    milestones: Sequence[int] = LINCLS_MILESTONES,
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -95,7 +110,7 @@ def linear_probe_reference(
     lr: float = 30.0,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    milestones: Sequence[int] = (60, 80),
+    milestones: Sequence[int] = LINCLS_MILESTONES,
     device: torch.device | str | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -128,3 +143,93 @@ def linear_probe_reference(
             seen += labels.shape[0]
         bar.set_postfix(loss=float(loss_sum) / max(seen, 1), lr=epoch_lr)
     return _accuracy(classifier, ((features(images), labels) for images, labels in test_loader))
+
+
+def _mean_of_batches(correct: list[int], sizes: list[int]) -> float:
+    """The reference's AverageMeter fed ``correct / batch`` with weight 1: every batch counts alike,
+    so the last, smaller batch weighs as much as a full one."""
+    total = 0.0
+    for c, n in zip(correct, sizes):
+        total += c / n
+    return total / len(sizes)
+
+
+def linear_eval_lcr(model: nn.Module, train_index: FolderIndex, test_index: FolderIndex, cfg,
+                    device: torch.device | str, key: str = "rationale", autocast=None,
+                    progress: bool = False) -> dict:
+    """BYOL's end-of-run linear evaluation as the reference runs it (``main.py`` ->
+    ``linear_cub_eval.py``, or ``linear_stanfordcars_eval.py``: the same but for the class count),
+    with the settings of ``cfg.eval``.
+
+    At every iteration ``model`` (eval mode, no grad) extracts ``key`` features of a shuffled batch of
+    ``eval.batch_size`` training images (RandomResizedCrop + flip), and a Linear(D, classes) with
+    PyTorch's default initialisation takes an SGD step on them at the rate of the eval section's
+    warmup + cosine schedule (un-warmed first iteration unless ``fixes.warmup_first_step``). The test
+    images (Resize + CenterCrop) are classified once at the end. ``cfg.seed`` fixes the
+    initialisation, the batch order and the augmentation; ``cfg.dataset`` gives the crop size and the
+    loader workers. ``top1`` is averaged as ``fixes.linear_eval_weighted_accuracy`` says (the
+    reference: the mean of per-batch accuracies); both averagings are returned as well, and each test
+    batch's (correct, size).
+    """
+    ev, device = cfg.eval, torch.device(device)
+    seed = cfg.seed or 0
+    size, workers = cfg.dataset.image_size, cfg.dataset.num_workers
+    train_loader = DataLoader(FolderDataset(train_index, linear_train_transform(size)), batch_size=ev.batch_size,
+                              shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
+                              generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+    test_loader = TorchEvalLoader(test_index, ev.batch_size, size, device, workers)
+    schedule = WarmupCosineSchedule(cfg, len(train_loader), section="eval")
+
+    def features(images: Tensor) -> Tensor:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            return model.extract(images.to(device, non_blocking=True))[key].float()
+
+    was_training = model.training
+    model.eval()
+    # The transforms draw from torch's global RNG in this process (workers: from the generator's seeds).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = nn.Linear(model.backbone.output_dim, len(test_index.classes)).to(device)
+        step, last_loss = _train_classifier(classifier, features, train_loader, schedule, ev, device, progress)
+        with torch.no_grad():
+            scored = [((classifier(features(images)).argmax(dim=1) == labels.to(device)).sum(), labels.shape[0])
+                      for images, labels in test_loader]
+    model.train(was_training)
+    correct, sizes = torch.stack([c for c, _ in scored]).tolist(), [n for _, n in scored]
+    batch_mean, weighted = 100 * _mean_of_batches(correct, sizes), 100 * sum(correct) / sum(sizes)
+    by_images = cfg.fixes.linear_eval_weighted_accuracy
+    return {
+        "protocol": "lcr", "top1": weighted if by_images else batch_mean, "top1_batch_mean": batch_mean,
+        "top1_sample_weighted": weighted,
+        "accuracy": ("over all test images (fixes.linear_eval_weighted_accuracy)" if by_images else
+                     "mean of per-batch accuracies (the reference's)"),
+        "epochs": ev.num_epochs, "steps": step, "steps_per_epoch": len(train_loader), "batch_size": ev.batch_size,
+        "optimizer": ev.optimizer.name, "lr": schedule.base_lr, "base_lr": ev.base_lr,
+        "warmup_epochs": ev.warmup_epochs, "warmup_lr": ev.warmup_lr, "final_lr": ev.final_lr,
+        "momentum": ev.optimizer.momentum, "weight_decay": ev.optimizer.weight_decay,
+        "first_step_warmed": cfg.fixes.warmup_first_step,
+        "features": key, "seed": seed, "num_train": len(train_index), "num_test": len(test_index),
+        "last_epoch_loss": last_loss, "test_batches": [[c, n] for c, n in zip(correct, sizes)],  # (correct, size)
+        "augmentation": "RandomResizedCrop (bicubic, scale 0.08-1) + flip (train), Resize + CenterCrop (test)",
+    }
+
+
+def _train_classifier(classifier: nn.Linear, features: Callable[[Tensor], Tensor], train_loader, schedule, ev,
+                      device: torch.device, progress: bool) -> tuple[int, float]:
+    """SGD on fresh features of every batch, at the schedule's rate per iteration; returns (steps taken,
+    the last epoch's mean loss)."""
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=schedule.base_lr, momentum=ev.optimizer.momentum,
+                                weight_decay=ev.optimizer.weight_decay)
+    step, last_loss = 0, float("nan")
+    bar = tqdm(range(ev.num_epochs), desc="linear evaluation", disable=not progress)
+    for _ in bar:
+        # Summed on the device and read once per epoch, so the steps never wait on the host.
+        loss_sum, seen = torch.zeros((), device=device), 0
+        for images, labels in train_loader:
+            schedule.apply(optimizer, step)
+            labels = labels.to(device, torch.long, non_blocking=True)
+            loss_sum += _sgd_step(classifier, optimizer, features(images), labels) * labels.shape[0]
+            seen, step = seen + labels.shape[0], step + 1
+        last_loss = float(loss_sum) / seen
+        bar.set_postfix(loss=last_loss)
+    return step, last_loss
