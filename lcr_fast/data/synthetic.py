@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-MARK_COLOURS = [(220, 30, 30), (30, 160, 40), (40, 70, 220), (240, 200, 20), (200, 40, 200), (20, 200, 210), (250, 130, 20), (250, 250, 250)]
+MARK_COLOURS = [(220, 30, 30), (30, 160, 40), (40, 70, 220), (240, 200, 20), (200, 40, 200), (20, 200, 210),
+                (250, 130, 20), (250, 250, 250)]
 MARK_SHAPES = ["disc", "square", "triangle", "bar"]
 MAX_CLASSES = len(MARK_COLOURS) * len(MARK_SHAPES)
 PHOTO_GRAIN = 12.0  # see ``render``: photo-like JPEG sizes, what the benchmarks read
@@ -71,7 +72,8 @@ def render(label: int, size: tuple[int, int], rng: random.Random, grain: float =
     facing = rng.choice((-1, 1))
     hx, hy, hr = cx + facing * scale * 0.55, cy - scale * 0.35, scale * 0.22
     draw.ellipse((hx - hr, hy - hr, hx + hr, hy + hr), fill=body)
-    draw.polygon([(hx + facing * hr * 0.9, hy - hr * 0.2), (hx + facing * hr * 1.6, hy), (hx + facing * hr * 0.9, hy + hr * 0.2)], fill=(60, 50, 40))
+    draw.polygon([(hx + facing * hr * 0.9, hy - hr * 0.2), (hx + facing * hr * 1.6, hy),
+                  (hx + facing * hr * 0.9, hy + hr * 0.2)], fill=(60, 50, 40))
 
     colour = MARK_COLOURS[label // len(MARK_SHAPES)]
     _mark(draw, MARK_SHAPES[label % len(MARK_SHAPES)], hx - facing * hr * 0.15, hy - hr * 0.1, hr * 0.45, colour)
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grain", type=float, default=0.0, help="luminance noise, grey levels (photo-like file sizes: 12)")
+    parser.add_argument("--grain", type=float, default=0.0,
+                        help="luminance noise, grey levels (photo-like file sizes: 12)")
     args = parser.parse_args(argv)
-    out = write_dataset(args.out, args.classes, args.train_per_class, args.test_per_class, (args.width, args.height), args.seed,
-                        grain=args.grain)
+    out = write_dataset(args.out, args.classes, args.train_per_class, args.test_per_class, (args.width, args.height),
+                        args.seed, grain=args.grain)
     total = args.classes * (args.train_per_class + args.test_per_class)
     print(f"wrote {total} images of {args.classes} classes to {out}")
 
