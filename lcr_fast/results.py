@@ -52,7 +52,7 @@ def training_summary(results: dict) -> str:
                      f"top-1 {percent(linear['top1'], fraction=False)}; weights: {linear['weights']}")
     elif linear:
         lines.append(f"no linear evaluation: {linear['skipped']}")
-    lines += _baselines(results)
+    lines += reading_guide(results)
     return "\n".join(lines)
 
 
@@ -111,16 +111,37 @@ def _selection_markdown(results: dict) -> list[str]:
     return lines
 
 
-def _baselines(results: dict) -> list[str]:
-    """What the figures are measured against: the initial weights' own, and chance."""
+def _times(x: float, base: float) -> str:
+    return f"{x / base:.1f}x" if base > 0 else "n/a"
+
+
+def reading_guide(results: dict) -> list[str]:
+    """One sentence per figure on what it means: chance, what the initial weights scored, the gain."""
     lines = []
-    if results.get("untrained"):
-        u = results["untrained"]
-        lines.append(f"untrained (the initial weights, before the first step): kNN top-1 "
-                     f"{percent(u['knn_top1'], fraction=False)}, rank-1 {percent(u['rank1'])}, mAP {percent(u['mAP'])}")
-    if results.get("num_classes"):
-        lines.append(f"chance ({results['num_classes']} classes): kNN top-1 and rank-1 "
-                     f"{percent(1 / results['num_classes'])}")
+    n = results.get("num_classes")
+    chance = 100 / n if n else None
+    if chance is not None:
+        lines.append(f"Chance: a guess among the {n} classes scores kNN top-1 and retrieval rank-1 of about "
+                     f"{chance:.2f}% (mAP about the same).")
+    if "knn_top1" in results:
+        knn = results["knn_top1"]
+        gain = f", {_times(knn, chance)} chance" if chance is not None else ""
+        lines.append(f"kNN top-1 {percent(knn, fraction=False)}%: how often the {results['knn_k']} training images "
+                     f"nearest a test image (cosine similarity of pooled backbone features) vote for its class{gain}.")
+    retrieval = results.get("retrieval")
+    if retrieval:
+        lines.append(f"Retrieval rank-1 {percent(retrieval['rank1'])}%, mAP {percent(retrieval['mAP'])}%: each test "
+                     "image ranks all the others by their rationale features; rank-1 is how often the first is of its "
+                     "class, mAP how high all of its class come.")
+    untrained = results.get("untrained")
+    if untrained:
+        line = (f"Untrained: the same network before its first step scored kNN top-1 "
+                f"{percent(untrained['knn_top1'], fraction=False)}%, rank-1 {percent(untrained['rank1'])}%, mAP "
+                f"{percent(untrained['mAP'])}%")
+        if "knn_top1" in results and retrieval:
+            line += (f"; training multiplied kNN top-1 by {_times(results['knn_top1'], untrained['knn_top1'])} and "
+                     f"mAP by {_times(retrieval['mAP'], untrained['mAP'])}")
+        lines.append(line + ".")
     return lines
 
 
@@ -163,8 +184,6 @@ def training_markdown(results: dict) -> str:
     if "knn_top1" in results:
         lines += ["", f"kNN top-1 ({_knn_settings(results['knn_k'], results['knn_t'])}, GAP features, train split "
                       f"as the bank): **{percent(results['knn_top1'], fraction=False)}%**"]
-    if results.get("untrained") or results.get("num_classes"):
-        lines += [""] + [f"- {line}" for line in _baselines(results)]
     if results.get("selected_on_validation"):
         lines += _selection_markdown(results)
     elif results.get("retrieval_best"):
@@ -189,6 +208,9 @@ def training_markdown(results: dict) -> str:
     for key, label in (("curves", "training curves"), ("heatmaps", "rationale heatmaps")):
         if results.get(key):
             lines += ["", f"![{label}]({os.path.basename(results[key])})"]
+    guide = reading_guide(results)
+    if guide:
+        lines += ["", "## What the numbers mean", ""] + [f"- {line}" for line in guide]
     return "\n".join(lines) + "\n"
 
 
