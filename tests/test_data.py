@@ -1,11 +1,15 @@
 """ImageFolder indexing, damaged files, sharding, the torchvision loaders and the synthetic dataset."""
+import random
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lcr_fast.data import DatasetError, build_eval_loader, build_train_loader, check_same_classes, scan_split
 from lcr_fast.data.sharding import epoch_indices
-from lcr_fast.data.synthetic import class_names, write_dataset
+from lcr_fast.data import synthetic
+from lcr_fast.data.synthetic import DEMO, MARK_COLOURS, Scene, class_names, render, write_dataset
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from helpers import write_folder
@@ -146,3 +150,28 @@ def test_synthetic_dataset_layout_determinism_and_grain(tmp_path):
     assert sum((grainy / f).stat().st_size for f in files) > 2 * sum((flat / f).stat().st_size for f in files)
     with Image.open(grainy / files[0]) as img:
         assert img.size == (120, 90)
+
+
+def test_synthetic_scene_draws_the_class_colour_on_the_demo_scene():
+    scene = DEMO["scene"]
+    palette = {name: np.array(MARK_COLOURS[name], dtype=float) for name in scene.colours}
+    for label in range(DEMO["num_classes"]):
+        pixels = np.asarray(render(label, (96, 96), random.Random(label), scene=scene)).reshape(-1, 3).astype(float)
+        assert (pixels == 128).all(axis=1).mean() > 0.1, "a plain grey background"
+        near = {name: int((np.abs(pixels - rgb).max(axis=1) <= 12).sum()) for name, rgb in palette.items()}
+        own = scene.mark(label)[1]
+        assert near[own] >= 10 and all(near[own] > 5 * n for name, n in near.items() if name != own), near
+
+
+def test_synthetic_class_names_follow_shapes_then_colours_and_the_cli_writes_the_demo(tmp_path, capsys):
+    assert class_names(3) == ["000.red_disc", "001.red_square", "002.red_triangle"]
+    assert class_names(3, Scene(shapes=1)) == ["000.red_disc", "001.green_disc", "002.blue_disc"]
+    with pytest.raises(ValueError, match=r"\[2, 8\] with 1 mark shapes, got 10"):
+        write_dataset(tmp_path / "x", num_classes=10, scene=Scene(shapes=1))
+    synthetic.main(["--out", str(tmp_path / "demo"), "--demo", "--train-per-class", "1", "--test-per-class", "2"])
+    assert scan_split(tmp_path / "demo", "train").classes == class_names(8, DEMO["scene"])
+    assert len(scan_split(tmp_path / "demo", "test")) == 16
+    assert "wrote 24 images of 8 classes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path / "bad"), "--demo", "--classes", "12"])
+    assert exit_info.value.code == 2 and "got 12" in capsys.readouterr().err
