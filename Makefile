@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: install
-	$(PY) -m lcr_fast.data.synthetic --out $(DEMO)/data --classes 10 --train-per-class 32 --test-per-class 10
+	$(PY) -m lcr_fast.data.synthetic --out $(DEMO)/data --demo
 	rm -rf $(DEMO)/run
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" deepspeed --num_gpus 1 lcr_fast/train.py -c configs/demo.yaml \
 		--data_dir $(DEMO)/data --log_dir $(DEMO)/run --ckpt_dir $(DEMO)/run/ckpt
