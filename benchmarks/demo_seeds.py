@@ -68,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
     data = os.path.join(args.out, "data")
     if not os.path.isdir(os.path.join(data, "train")):
-        write_dataset(data, DEMO["num_classes"], DEMO["train_per_class"], DEMO["test_per_class"], scene=DEMO["scene"])
+        write_dataset(data, **DEMO)
     rows = []
     for seed in args.seeds:
         run = os.path.join(args.out, f"seed{seed}")

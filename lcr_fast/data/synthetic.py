@@ -10,8 +10,8 @@ the demo and the benchmarks run without downloading CUB, Cars or Aircraft.
 from __future__ import annotations
 
 import argparse
-import random
 import dataclasses
+import random
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +112,11 @@ def render(label: int, size: tuple[int, int], rng: random.Random, grain: float =
     return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 0.6)))
 
 
-def write_dataset(out_dir: str | Path, num_classes: int = 10, train_per_class: int = 24, test_per_class: int = 8,
+COUNTS = {"num_classes": 10, "train_per_class": 24, "test_per_class": 8}  # write_dataset's, without --demo
+
+
+def write_dataset(out_dir: str | Path, num_classes: int = COUNTS["num_classes"],
+                  train_per_class: int = COUNTS["train_per_class"], test_per_class: int = COUNTS["test_per_class"],
                   image_size: tuple[int, int] = (96, 96), seed: int = 0, quality: int = 90, grain: float = 0.0,
                   scene: Scene = Scene()) -> Path:
     """Write ``out_dir/{train,test}/<class>/<n>.jpg`` and return ``out_dir`` (``grain``, ``scene`` as in ``render``)."""
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", type=int, choices=range(1, len(MARK_SHAPES) + 1),
                         help="mark shapes in use (classes cycle through shapes, then colours)")
     args = parser.parse_args(argv)
-    base = DEMO if args.demo else {"num_classes": 10, "train_per_class": 24, "test_per_class": 8, "scene": Scene()}
+    base = DEMO if args.demo else {**COUNTS, "scene": Scene()}
     counts = {key: getattr(args, key) if getattr(args, key) is not None else base[key]
               for key in ("train_per_class", "test_per_class")}
     classes = args.classes if args.classes is not None else base["num_classes"]
