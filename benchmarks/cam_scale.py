@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     view1, view2 = training_views(args.data_dir, recipe_for(config), config.dataset.image_size, args.n, args.seed)
     stats = kl_target_stats(model, view1, view2)
     print(f"{args.ckpt}: {args.n} training images, medians per image")
-    print(f"  GradCAM peak                     {stats['cam_peak']:.3g}   (largest of the batch: {stats['cam_peak_largest']:.3g})")
+    largest = stats["cam_peak_largest"]
+    print(f"  GradCAM peak                     {stats['cam_peak']:.3g}   (largest of the batch: {largest:.3g})")
     print(f"  KL target's largest probability  {stats['target_max']:.7f}   (uniform: {stats['uniform']:.7f})")
     print(f"  rationale map max - min          {stats['attention_spread']:.4f}   (of a [0, 1] batch-wide range)")
 
