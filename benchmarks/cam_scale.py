@@ -5,10 +5,11 @@
 
 The KL's target is softmax(cam / t) with the GradCAM left unscaled, as the reference leaves it. Where the
 CAM's values are far below t, that softmax is the uniform distribution, and a falling KL means the
-rationale map is flattening rather than following GradCAM. This runs one training forward (a deep copy
-of the model in train mode, the training recipe's two views of ``--n`` training images drawn with a
-fixed seed, the caller's RNG restored) and prints, per image, the CAM's peak, the target's largest
-probability against the uniform 1/cells, and the rationale map's spread (max - min).
+rationale map is flattening rather than following GradCAM (``fixes.scale_cam`` scales each image's CAM
+to [0, 1] before the KL; the figures below are then those of the scaled CAM). This runs one training
+forward (a deep copy of the model in train mode, the training recipe's two views of ``--n`` training
+images drawn with a fixed seed, the caller's RNG restored) and prints, per image, the CAM's peak, the
+target's largest probability against the uniform 1/cells, and the rationale map's spread (max - min).
 """
 from __future__ import annotations
 

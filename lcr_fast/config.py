@@ -118,6 +118,9 @@ DEFAULTS: dict[str, Any] = {
         "detach_cam": False,  # the rationale loss does not back-propagate into the backbone through cam
         "warmup_first_step": False,  # the first iteration uses the warmup LR instead of the un-warmed base LR
         "flatten_kl": False,  # MoCo: KL over the flattened h*w map instead of row by row
+        # GradCAM scaled to [0, 1] per image before the KL: the reference's raw CAM can lie so far below the KL's
+        # temperature that its target is the uniform map (benchmarks/cam_scale.py measures it on a checkpoint)
+        "scale_cam": False,
         # BYOL's end-of-run linear evaluation classifies the features of the trained model instead of a fresh one
         # (ImageNet or random backbone, untrained rationale detector: the reference never loads its checkpoint)
         "linear_eval_trained_weights": False,

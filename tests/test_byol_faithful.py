@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from lcr_fast.compat import load_reference_checkpoint, reference_state_dict
 from lcr_fast.models import build_model
+from lcr_fast.models.rationale import unit_cam
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule, reference_train_step
 
@@ -114,6 +115,36 @@ def test_detach_cam_switch_stops_the_rationale_gradient_into_the_backbone(tmp_pa
         grads.append(g)
     assert grads[1].abs().sum() > 0, "attention still reaches the backbone"
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_scale_cam_switch_fits_the_rationale_map_to_each_cam_scaled_to_unit_range():
+    torch.manual_seed(0)
+    raw = build_model(tiny_config()).train()
+    scaled = copy.deepcopy(raw)
+    scaled.scale_cam = True  # what fixes.scale_cam sets
+    assert build_model(tiny_config(fixes={"scale_cam": True})).scale_cam
+    x1, x2 = _views(size=64)  # a 4x4 map: room for a shape
+    out_raw, out = raw(x1, x2), scaled(x1, x2)
+
+    cam = out_raw["gradcam"].detach()
+    low = cam.flatten(1).amin(1)[:, None, None]
+    unit = (cam - low) / (cam.flatten(1).amax(1)[:, None, None] - low)
+    torch.testing.assert_close(out["gradcam"].detach(), unit, rtol=1e-5, atol=1e-6)
+    att = out["attention"].detach()
+    p, lq = (unit.flatten(1) / 0.4).softmax(-1), (att.flatten(1) / 0.4).log_softmax(-1)
+    torch.testing.assert_close(out["rationale_loss"].detach(), (p * (p.log() - lq)).sum(), rtol=1e-4, atol=1e-6)
+    # The raw CAM of a random network already lies far below t = 0.4: its target is almost the uniform map.
+    assert out_raw["rationale_loss"] < 0.5 * out["rationale_loss"]
+    (g,) = torch.autograd.grad(out["rationale_loss"], scaled.backbone.layer4[1].conv2.weight)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_unit_cam_of_a_constant_map_is_zero_with_a_finite_gradient():
+    cam = torch.zeros(2, 3, 3, requires_grad=True)
+    scaled = unit_cam(cam)
+    assert torch.equal(scaled, torch.zeros(2, 3, 3))
+    (g,) = torch.autograd.grad(scaled.sum(), cam)
+    assert torch.isfinite(g).all()
 
 
 def test_per_sample_minmax_switch_normalises_each_image():

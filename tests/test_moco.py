@@ -85,6 +85,23 @@ def test_rationale_loss_reaches_the_backbone_through_cam_unless_detached():
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_scale_cam_switch_scales_each_cam_before_the_row_wise_kl():
+    torch.manual_seed(0)
+    raw = build_model(moco_config()).train()
+    scaled = copy.deepcopy(raw)
+    scaled.scale_cam = True  # what fixes.scale_cam sets
+    assert build_model(moco_config(fixes={"scale_cam": True}, model={"moco_k": 4})).scale_cam
+    torch.manual_seed(0)
+    cam = raw(*_views())["gradcam"].detach()
+    torch.manual_seed(0)
+    out = scaled(*_views())
+    low = cam.flatten(1).amin(1)[:, None, None]
+    unit = (cam - low) / (cam.flatten(1).amax(1)[:, None, None] - low)
+    torch.testing.assert_close(out["gradcam"].detach(), unit, rtol=1e-5, atol=1e-6)
+    p, lq = unit.softmax(-1), out["attention"].detach().log_softmax(-1)  # rows of w, no temperature
+    torch.testing.assert_close(out["rationale_loss"].detach(), (p * (p.log() - lq)).sum(), rtol=1e-4, atol=1e-6)
+
+
 def test_queue_holds_the_last_keys_in_order_with_wrap_around():
     torch.manual_seed(0)
     model = build_model(moco_config()).train()

@@ -16,13 +16,14 @@ def build_model(config) -> nn.Module:
 
         backbone = build_backbone(m.backbone, m.maxpool, m.pretrained)
         return BYOL(backbone, m.proj_hidden_dim, m.proj_dim, m.ema_tau, m.rationale_channels, m.rationale_weight,
-                    m.rationale_temperature, fixes.per_sample_minmax, fixes.detach_cam)
+                    m.rationale_temperature, fixes.per_sample_minmax, fixes.detach_cam, fixes.scale_cam)
     if m.name == "moco":
         from .moco import MoCo
 
         backbone = build_backbone(m.backbone, m.maxpool, m.pretrained)
         return MoCo(backbone, m.moco_dim, m.moco_k, m.moco_m, m.moco_t, m.moco_mlp, m.rationale_channels,
-                    m.rationale_weight, fixes.per_sample_minmax, fixes.flatten_kl, fixes.detach_cam)
+                    m.rationale_weight, fixes.per_sample_minmax, fixes.flatten_kl, fixes.detach_cam,
+                    fixes.scale_cam)
     raise ValueError(f"unknown model {m.name!r}")
 
 

@@ -11,7 +11,7 @@ from lcr_fast.kernels import byol_loss, ema_update, gradcam, rationale_kl
 from lcr_fast.objective import lcr_objective
 
 from .heads import MLP
-from .rationale import RationaleDetector
+from .rationale import RationaleDetector, unit_cam
 
 
 def global_pool(feat: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class BYOL(nn.Module):
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256, tau: float = 0.996,
                  rationale_channels: int = 32, rationale_weight: float = 0.01, rationale_temperature: float = 0.4,
-                 per_sample_minmax: bool = False, detach_cam: bool = False):
+                 per_sample_minmax: bool = False, detach_cam: bool = False, scale_cam: bool = False):
         super().__init__()
         self.backbone = backbone
         self.projector = MLP(backbone.output_dim, proj_hidden_dim, proj_dim)
@@ -43,6 +43,7 @@ class BYOL(nn.Module):
         self.rationale_weight = rationale_weight
         self.rationale_temperature = rationale_temperature
         self.detach_cam = detach_cam
+        self.scale_cam = scale_cam
 
     def online_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -76,6 +77,8 @@ class BYOL(nn.Module):
         # but feat1 keeps its graph, so the rationale loss also trains the backbone through cam.
         (grad1,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad1)
+        if self.scale_cam:
+            cam = unit_cam(cam)
         attention = self.rationale(feat1)
         rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=True)
         loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)

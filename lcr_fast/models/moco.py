@@ -21,7 +21,7 @@ from lcr_fast.kernels.dispatch import memory_format_of
 from lcr_fast.objective import lcr_objective
 
 from .byol import global_pool
-from .rationale import RationaleDetector
+from .rationale import RationaleDetector, unit_cam
 
 
 def _world() -> tuple[int, int]:
@@ -60,7 +60,8 @@ class MoCo(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim: int = 256, K: int = 65536, m: float = 0.999, T: float = 0.2,
                  mlp: bool = True, rationale_channels: int = 32, rationale_weight: float = 0.01,
-                 per_sample_minmax: bool = False, flatten_kl: bool = False, detach_cam: bool = False):
+                 per_sample_minmax: bool = False, flatten_kl: bool = False, detach_cam: bool = False,
+                 scale_cam: bool = False):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.backbone = backbone
@@ -75,6 +76,7 @@ class MoCo(nn.Module):
         self.rationale_weight = rationale_weight  # nu (lcr_fast.objective scales it by the pieces of a step)
         self.flatten_kl = flatten_kl
         self.detach_cam = detach_cam
+        self.scale_cam = scale_cam
         # The reference's unused max-branch tensors when this model was read from one of its files
         # (lcr_fast.compat); plain CPU tensors outside the state dict, only for exporting them back.
         self.reference_extras: dict[str, torch.Tensor] | None = None
@@ -154,6 +156,8 @@ class MoCo(nn.Module):
         # feat_q keeps its graph, so the rationale loss also trains the backbone through cam.
         (grad_q,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad_q)
+        if self.scale_cam:
+            cam = unit_cam(cam)
         # The reference's KL: softmax over the last axis only (rows of w), no temperature, reduction sum.
         rationale_loss = rationale_kl(cam, attention, 1.0, flatten=self.flatten_kl)
         loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)

@@ -7,6 +7,15 @@ from torch import nn
 from lcr_fast.kernels import rationale_map, rationale_pool
 
 
+def unit_cam(cam: torch.Tensor) -> torch.Tensor:
+    """Each image's CAM [B, h, w] shifted and scaled to [0, 1] (all zeros where it is constant), so that the
+    KL's softmax sees its shape whatever the loss's gradient scale; differentiable, like the CAM it scales."""
+    flat = cam.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1)
+    span = (flat.amax(dim=1).view(-1, 1, 1) - low).clamp(min=1e-12)
+    return (cam - low) / span
+
+
 class RationaleDetector(nn.Module):
     """Maps a layer4 feature map [B, C, h, w] to an attention map A in [0, 1] of shape [B, h, w].
 
