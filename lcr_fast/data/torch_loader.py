@@ -1,6 +1,7 @@
 """The torchvision/PIL data path: the reference's own pipeline, and the fallback where DALI is missing."""
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -16,6 +17,14 @@ from .transforms import eval_transform, two_view_transforms
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def collect_before_fork(num_workers: int) -> None:
+    """Free unreachable objects before worker processes fork. A forked worker inherits the parent's
+    garbage, and a DALI pipeline collected there (one a fallback or an earlier loader left in a reference
+    cycle) shuts down threads that exist only in the parent and crashes the worker."""
+    if num_workers > 0:
+        gc.collect()
 
 
 class FolderDataset(Dataset):
@@ -76,6 +85,7 @@ class TorchTrainLoader(ShardedEpochs):
         indices, slots, epoch_seed = self.epoch_indices(), self.epoch_slots(), self.epoch_seed()
         first = self.start_step * self.batch_size
         items = [(indices[p], sample_seed(epoch_seed, slots[p])) for p in range(first, len(indices))]
+        collect_before_fork(self.num_workers)
         loader = DataLoader(
             torch.utils.data.Subset(self.dataset, items),
             batch_size=self.batch_size,
@@ -111,5 +121,6 @@ class TorchEvalLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        collect_before_fork(self.loader.num_workers)
         for images, labels in self.loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
