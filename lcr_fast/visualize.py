@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lcr_fast.errors import run_cli
+from lcr_fast.models.rationale import per_image_unit
 
 PANELS = ("image", "GradCAM of the SSL loss", "rationale map", "overlay (red: GradCAM,\ngreen: rationale)")
 HEADER_PX = 28  # the strip with the column titles
@@ -60,12 +61,6 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _per_image_unit(maps: Tensor) -> Tensor:
-    lo = maps.flatten(1).min(dim=1).values[:, None, None]
-    hi = maps.flatten(1).max(dim=1).values[:, None, None]
-    return (maps - lo) / (hi - lo).clamp(min=1e-12)
-
-
 def heatmap_panels(images: Tensor, cam: Tensor, attention: Tensor,
                    mean_std=(IMAGENET_MEAN, IMAGENET_STD)) -> dict[str, np.ndarray]:
     """The four panels as arrays: image [B,H,W,3], cam and rationale [B,H,W] in [0, 1], overlay [B,H,W,3]."""
@@ -73,8 +68,8 @@ def heatmap_panels(images: Tensor, cam: Tensor, attention: Tensor,
     std = torch.tensor(mean_std[1], dtype=torch.float32).view(1, 3, 1, 1)
     rgb = (images.detach().cpu().float() * std + mean).clamp(0, 1)
     size = (rgb.shape[2], rgb.shape[3])
-    cam = _per_image_unit(_upsample(cam.cpu(), size))
-    att = _per_image_unit(_upsample(attention.cpu(), size))
+    cam = per_image_unit(_upsample(cam.cpu(), size))
+    att = per_image_unit(_upsample(attention.cpu(), size))
     gray = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[..., None]
     colour = torch.stack([cam, att, torch.zeros_like(cam)], dim=-1)
     overlay = (0.45 * gray + 0.55 * colour).clamp(0, 1)

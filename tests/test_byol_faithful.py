@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lcr_fast.compat import load_reference_checkpoint, reference_state_dict
 from lcr_fast.models import build_model
-from lcr_fast.models.rationale import unit_cam
+from lcr_fast.models.rationale import per_image_unit
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule, reference_train_step
 
@@ -139,9 +139,9 @@ def test_scale_cam_switch_fits_the_rationale_map_to_each_cam_scaled_to_unit_rang
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_unit_cam_of_a_constant_map_is_zero_with_a_finite_gradient():
+def test_per_image_unit_of_a_constant_map_is_zero_with_a_finite_gradient():
     cam = torch.zeros(2, 3, 3, requires_grad=True)
-    scaled = unit_cam(cam)
+    scaled = per_image_unit(cam)
     assert torch.equal(scaled, torch.zeros(2, 3, 3))
     (g,) = torch.autograd.grad(scaled.sum(), cam)
     assert torch.isfinite(g).all()

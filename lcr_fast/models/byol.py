@@ -11,7 +11,7 @@ from lcr_fast.kernels import byol_loss, ema_update, gradcam, rationale_kl
 from lcr_fast.objective import lcr_objective
 
 from .heads import MLP
-from .rationale import RationaleDetector, unit_cam
+from .rationale import RationaleDetector, per_image_unit
 
 
 def global_pool(feat: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class BYOL(nn.Module):
         (grad1,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad1)
         if self.scale_cam:
-            cam = unit_cam(cam)
+            cam = per_image_unit(cam)
         attention = self.rationale(feat1)
         rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=True)
         loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)

@@ -21,7 +21,7 @@ from lcr_fast.kernels.dispatch import memory_format_of
 from lcr_fast.objective import lcr_objective
 
 from .byol import global_pool
-from .rationale import RationaleDetector, unit_cam
+from .rationale import RationaleDetector, per_image_unit
 
 
 def _world() -> tuple[int, int]:
@@ -157,7 +157,7 @@ class MoCo(nn.Module):
         (grad_q,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
         cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad_q)
         if self.scale_cam:
-            cam = unit_cam(cam)
+            cam = per_image_unit(cam)
         # The reference's KL: softmax over the last axis only (rows of w), no temperature, reduction sum.
         rationale_loss = rationale_kl(cam, attention, 1.0, flatten=self.flatten_kl)
         loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)

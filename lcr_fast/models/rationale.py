@@ -7,13 +7,14 @@ from torch import nn
 from lcr_fast.kernels import rationale_map, rationale_pool
 
 
-def unit_cam(cam: torch.Tensor) -> torch.Tensor:
-    """Each image's CAM [B, h, w] shifted and scaled to [0, 1] (all zeros where it is constant), so that the
-    KL's softmax sees its shape whatever the loss's gradient scale; differentiable, like the CAM it scales."""
-    flat = cam.flatten(1)
+def per_image_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Each image's map [B, h, w] shifted and scaled to [0, 1] (all zeros where it is constant); differentiable.
+    fixes.scale_cam applies it to GradCAM so that the KL's softmax sees the CAM's shape whatever the loss's
+    gradient scale, and the heatmap figure to both maps for display."""
+    flat = maps.flatten(1)
     low = flat.amin(dim=1).view(-1, 1, 1)
     span = (flat.amax(dim=1).view(-1, 1, 1) - low).clamp(min=1e-12)
-    return (cam - low) / span
+    return (maps - low) / span
 
 
 class RationaleDetector(nn.Module):
