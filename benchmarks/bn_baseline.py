@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +28,7 @@ from lcr_fast.config import load_config  # noqa: E402
 from lcr_fast.data import build_eval_loader, scan_split  # noqa: E402
 from lcr_fast.eval.features import evaluate  # noqa: E402
 from lcr_fast.models import build_model  # noqa: E402
+from lcr_fast.train import seed_process  # noqa: E402
 
 
 def calibrate_batchnorm(model: nn.Module, loader) -> None:
@@ -54,9 +53,7 @@ def calibrate_batchnorm(model: nn.Module, loader) -> None:
 def seed_row(config_path: str, data_dir: str, seed: int, backend: str | None = None) -> dict[str, float]:
     """kNN top-1 of the untrained model at ``seed`` before and after ``calibrate_batchnorm``."""
     cfg = load_config(config_path, {"seed": seed})
-    random.seed(seed)  # what lcr_fast/train.py seeds before it builds the model (rank 0)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_process(seed)  # as lcr_fast/train.py's rank 0 before it builds the model
     model = build_model(cfg)
     batch, size, threads = cfg.train.batch_size, cfg.dataset.image_size, cfg.dataset.num_workers
     path = backend or cfg.data.backend

@@ -169,6 +169,13 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> Inputs:
     return Inputs(train_index, test_index, resume, path)
 
 
+def seed_process(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: what a rank does before it builds its model."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     """Join the process group, then what needs the device: its checks, the precision and the seeds."""
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
@@ -181,10 +188,7 @@ def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
         cfg["seed"] = int(seed)
     eng.check_device_options(cfg, info.device)
     eng.micro_batch_size(cfg, info.world_size)
-    seed = cfg.seed + info.rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_process(cfg.seed + info.rank)
     if cfg.engine.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -70,12 +70,18 @@ def test_loss_terms_and_gradcam_match_an_independent_computation():
     torch.testing.assert_close(out["loss"], ce + 0.01 * kl, rtol=1e-5, atol=1e-6)
 
 
-def test_rationale_loss_reaches_the_backbone_through_cam_unless_detached():
+def _switched(fix: str) -> tuple[MoCo, MoCo]:
+    """(the reference-mode model, a copy with ``fixes.<fix>`` on), after checking the config switch sets it."""
+    assert getattr(build_model(moco_config(fixes={fix: True}, model={"moco_k": 4})), fix)
     torch.manual_seed(0)
     faithful = build_model(moco_config()).train()
     fixed = copy.deepcopy(faithful)
-    fixed.detach_cam = True  # what fixes.detach_cam sets
-    assert build_model(moco_config(fixes={"detach_cam": True}, model={"moco_k": 4})).detach_cam
+    setattr(fixed, fix, True)
+    return faithful, fixed
+
+
+def test_rationale_loss_reaches_the_backbone_through_cam_unless_detached():
+    faithful, fixed = _switched("detach_cam")
     grads = []
     for model in (faithful, fixed):
         torch.manual_seed(0)
@@ -86,11 +92,7 @@ def test_rationale_loss_reaches_the_backbone_through_cam_unless_detached():
 
 
 def test_scale_cam_switch_scales_each_cam_before_the_row_wise_kl():
-    torch.manual_seed(0)
-    raw = build_model(moco_config()).train()
-    scaled = copy.deepcopy(raw)
-    scaled.scale_cam = True  # what fixes.scale_cam sets
-    assert build_model(moco_config(fixes={"scale_cam": True}, model={"moco_k": 4})).scale_cam
+    raw, scaled = _switched("scale_cam")
     torch.manual_seed(0)
     cam = raw(*_views())["gradcam"].detach()
     torch.manual_seed(0)
