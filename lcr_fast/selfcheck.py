@@ -9,7 +9,8 @@ training, and a failure switches that one component to its slower path with one 
   fp32 inputs, and the autocast dtype too when the run trains in bf16 or fp16 on a GPU. The first
   check of a kernel pays its Triton compile (seconds when Triton's cache is cold, milliseconds warm).
 - the data path: DALI ``mixed``, then DALI's CPU backend, then torchvision (``lcr_fast.data.checked_loader``).
-- precision: an explicit bf16 on a GPU without native bf16 trains in fp32 (``engine.resolve_precision``).
+- precision: ``auto`` is bf16 where the GPU or CPU computes it natively, fp32 elsewhere; an explicit bf16
+  on a GPU without native bf16 trains in fp32 (``engine.choose_precision``, which says why).
 - ``engine.compile``: the compiled ResNet trunks run one forward (and backward) at the training
   shape; a failure puts them back to eager. Training then reuses what this compiled.
 
@@ -229,19 +230,14 @@ class Components:
     device: str
     strict: bool
     precision: str  # what the run uses
-    requested_precision: str  # engine.precision
+    precision_reason: str  # why: engine.choose_precision
     kernels: dict[str, str]
     kernel_check_s: float
     data: str | None = None  # lcr_fast.data.DATA_PATHS, once the loaders exist
     compile: str | None = None  # once the model exists; None without training
 
     def to_dict(self) -> dict:
-        if self.requested_precision == "auto":
-            precision = f"{self.precision} (auto)"
-        elif self.precision == self.requested_precision:
-            precision = self.precision
-        else:
-            precision = f"{self.precision} (fallback: engine.precision={self.requested_precision} unsupported here)"
+        precision = f"{self.precision} ({self.precision_reason})"
         return {"device": self.device, "strict": self.strict, "kernels": self.kernels,
                 "kernel_check_s": round(self.kernel_check_s, 3), "data": self.data, "precision": precision,
                 "compile": self.compile}
@@ -265,12 +261,13 @@ def start_checks(cfg: Config, device: torch.device) -> Components:
     """Precision and kernels, the checks that need the device alone (the data path and the compiled
     trunks are checked where the loaders and the model are built)."""
     strict = cfg.engine.strict
-    precision = eng.resolve_precision(cfg.engine.precision, device, strict)
+    choice = eng.choose_precision(cfg.engine.precision, device, strict)
+    precision = choice.precision
     dtypes = [torch.float32]
     if device.type == "cuda" and precision in _AUTOCAST_DTYPES:
         dtypes.append(_AUTOCAST_DTYPES[precision])
     start = time.perf_counter()
     # Asking for Triton kernels by name (kernels.backend or LCR_KERNELS) is asking for no fallback.
     kernels = check_kernels(device, strict or dispatch.kernel_mode() == "triton", dtypes)
-    return Components(describe_device(device), strict, precision, cfg.engine.precision, kernels,
+    return Components(describe_device(device), strict, precision, choice.reason, kernels,
                       time.perf_counter() - start)

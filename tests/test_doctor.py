@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lcr_fast import doctor
+from lcr_fast import engine as eng
 
 from helpers import REPO
 
@@ -87,5 +89,6 @@ def test_the_real_report_on_this_machine(tmp_path):
     assert checks["data"]["data"]["paths"]["dali-cpu"] == checks["data"]["data"]["paths"]["torchvision"] == "ok"
     assert checks["data"]["data"]["paths"]["dali-mixed"].startswith("skipped: no GPU; its graph defines")
     step = checks["step"]["data"]
-    assert step["arch"] == "resnet18" and step["pairs_per_s"] > 0 and step["precision"] == "fp32"
+    auto = "bf16" if eng.native_bf16(torch.device("cpu")) else "fp32"  # what engine.precision=auto picks here
+    assert step["arch"] == "resnet18" and step["pairs_per_s"] > 0 and step["precision"] == auto
     assert "every required component works" in proc.stdout

@@ -195,16 +195,55 @@ def test_a_working_dali_path_keeps_the_checked_pipeline_for_the_first_epoch(data
 def test_bf16_on_a_gpu_without_it_trains_in_fp32_or_fails_in_strict_mode(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     gpu = torch.device("cuda", 0)
-    precision, messages = _caught(eng.resolve_precision, "bf16", gpu)
-    assert precision == "fp32"
+    choice, messages = _caught(eng.choose_precision, "bf16", gpu)
+    assert choice == eng.PrecisionChoice("fp32", "fallback: engine.precision=bf16 unsupported here")
     assert messages == ["engine.precision=bf16, but this GPU has no native bf16 (compute capability below 8.0): "
                         "training in fp32 instead"]
-    assert eng.resolve_precision("auto", gpu) == "fp32"
+    assert eng.choose_precision("auto", gpu) == eng.PrecisionChoice(
+        "fp32", "auto: this GPU has no native bf16 (compute capability 8.0)")
     with pytest.raises(FallbackError, match="engine.strict forbids falling back to fp32"):
         eng.resolve_precision("bf16", gpu, strict=True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert eng.resolve_precision("bf16", gpu) == eng.resolve_precision("auto", gpu) == "bf16"
-    assert eng.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert eng.choose_precision("auto", gpu).reason == "auto: this GPU computes bf16 natively (compute capability 8.0+)"
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively (AMX)")),
+    (False, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively (AVX512-BF16)")),
+    (False, False, eng.PrecisionChoice("fp32", "auto: this CPU has no native bf16 (AMX or AVX512-BF16)")),
+])
+def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert eng.choose_precision("auto", cpu) == expected
+    assert eng.native_bf16(cpu) == (expected.precision == "bf16")
+    choice, messages = _caught(eng.choose_precision, "fp32", cpu, strict=True)
+    assert choice == eng.PrecisionChoice("fp32", "engine.precision=fp32") and messages == []
+
+
+def test_explicit_bf16_on_a_cpu_without_it_runs_as_asked_with_a_warning(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    choice, messages = _caught(eng.choose_precision, "bf16", torch.device("cpu"), strict=True)
+    assert choice == eng.PrecisionChoice("bf16", "engine.precision=bf16, emulated: this CPU has no AMX or AVX512-BF16")
+    assert len(messages) == 1 and "emulated here and many times slower than fp32" in messages[0]
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    choice, messages = _caught(eng.choose_precision, "bf16", torch.device("cpu"))
+    assert choice == eng.PrecisionChoice("bf16", "engine.precision=bf16") and messages == []
+
+
+def test_this_machine_reports_what_its_cpu_flags_say():
+    """torch's view of the CPU agrees with the kernel's flags, so ``auto`` decides on the hardware it runs on."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    expected = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert eng.cpu_bf16_instructions() == expected
 
 
 def test_engine_strict_is_a_validated_bool():
@@ -256,7 +295,7 @@ def test_a_compile_that_works_leaves_no_trace_of_the_check():
 # ---- the record, end to end ----
 
 def test_the_report_renders_the_components():
-    components = selfcheck.Components("cuda:0 (NVIDIA H200)", False, "bf16", "auto",
+    components = selfcheck.Components("cuda:0 (NVIDIA H200)", False, "bf16", "auto: this GPU computes bf16 natively",
                                       {"gradcam": "triton", "rationale_map": "triton",
                                        "infonce_queue": "torch (fallback: RuntimeError: x)"}, 0.25, "dali-mixed",
                                       "default")
@@ -264,9 +303,11 @@ def test_the_report_renders_the_components():
     assert record == {"device": "cuda:0 (NVIDIA H200)", "strict": False,
                       "kernels": {"gradcam": "triton", "rationale_map": "triton",
                                   "infonce_queue": "torch (fallback: RuntimeError: x)"},
-                      "kernel_check_s": 0.25, "data": "dali-mixed", "precision": "bf16 (auto)", "compile": "default"}
+                      "kernel_check_s": 0.25, "data": "dali-mixed",
+                      "precision": "bf16 (auto: this GPU computes bf16 natively)", "compile": "default"}
     markdown = training_markdown({"name": "run", "components": record})
-    assert "- components on cuda:0 (NVIDIA H200): data dali-mixed, precision bf16 (auto), compile default\n" in markdown
+    assert ("- components on cuda:0 (NVIDIA H200): data dali-mixed, precision bf16 (auto: this GPU computes bf16 "
+            "natively), compile default\n") in markdown
     assert ("- kernels: triton (gradcam, rationale_map); torch (fallback: RuntimeError: x) (infonce_queue)\n"
             in markdown)
 
@@ -280,12 +321,14 @@ def test_a_training_run_records_the_path_of_each_component(tmp_path, monkeypatch
     args = ["-c", str(cfg_path), "--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "run"),
             "--ckpt_dir", str(tmp_path / "run" / "ckpt"), "--hide_progress"]
     results = train.main(args)
+    auto = eng.choose_precision("auto", torch.device("cpu"))  # bf16 on a CPU with AMX or AVX512-BF16
+    precision = f"{auto.precision} ({auto.reason})"
     expected = {"device": "cpu", "strict": False, "kernels": {op: "torch (no CUDA)" for op in selfcheck.OP_CASES},
-                "data": "torchvision", "precision": "fp32 (auto)", "compile": "none"}
+                "data": "torchvision", "precision": precision, "compile": "none"}
     recorded = json.loads((tmp_path / "run" / "components.json").read_text())
     assert {k: v for k, v in recorded.items() if k != "kernel_check_s"} == expected
     assert {k: v for k, v in results["components"].items() if k != "kernel_check_s"} == expected
-    assert "- components on cpu: data torchvision, precision fp32 (auto), compile none" in \
+    assert f"- components on cpu: data torchvision, precision {precision}, compile none" in \
         (tmp_path / "run" / "report.md").read_text()
 
 
