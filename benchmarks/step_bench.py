@@ -1,14 +1,17 @@
 """Training-step throughput: lcr-fast against the reference's formulation, same model, batch and image size.
 
-    python benchmarks/step_bench.py                          # CPU: ResNet-50 (no max-pool), batch 8, 112 px, fp32
-    python benchmarks/step_bench.py --batch 128 --size 224 --precision bf16   # one GPU
+    python benchmarks/step_bench.py                          # CPU: ResNet-50 (no max-pool), batch 8, 112 px
+    python benchmarks/step_bench.py --batch 128 --size 224   # one GPU
 
 The reference side is lcr_fast.reference (a plain re-implementation of GANPerf/LCR's step: fp32
 eager, EMA inside forward, its LARS). Ours is exactly what ``deepspeed lcr_fast/train.py`` runs: the
 model, optimizer and DeepSpeed engine from the trainer's ``build_engine`` and its ``train_step``
-(lcr_fast/loop.py). Each variant runs in its own process so that its peak memory (CUDA allocator
-peak, or peak RSS on CPU) is its own. Prints seconds per step, pairs/s, peak memory and the ratios;
-``--json`` writes them.
+(lcr_fast/loop.py), with the trainer's defaults unless a flag says otherwise (``engine.precision``
+auto, ``engine.channels_last``, ``engine.compile``). Each variant runs in its own process so that its
+peak memory (CUDA allocator peak, or peak RSS on CPU) is its own. Prints seconds per step, pairs/s,
+peak memory, the precision and memory layout each side ran, the FLOPs of one step (torch's counter)
+and the fraction of this machine's matmul peak (``peak.py``, measured in the same run) each side
+reaches, and the ratios; ``--json`` writes them.
 """
 from __future__ import annotations
 
@@ -24,14 +27,22 @@ from typing import Callable
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from lcr_fast.config import DEFAULTS  # noqa: E402
+from peak import machine_peaks, step_flops  # noqa: E402
 
 
 Step = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+ENGINE = DEFAULTS["engine"]  # the trainer's defaults, which the benchmarks measure unless told otherwise
 
 
-def build_variant(variant: str, arch: str, device: torch.device, batch: int, precision: str = "fp32",
-                  channels_last: bool = True, compile_mode: str = "none") -> Step:
-    """``step(i, view1, view2) -> loss`` of one variant: the reference's, or the trainer's own."""
+def build_variant(variant: str, arch: str, device: torch.device, batch: int, precision: str = ENGINE["precision"],
+                  channels_last: bool = ENGINE["channels_last"],
+                  compile_mode: str = ENGINE["compile"]) -> tuple[Step, dict]:
+    """``step(i, view1, view2) -> loss`` of one variant, the reference's or the trainer's own, and what it
+    runs: its precision (with the reason, for ours) and memory layout."""
     torch.manual_seed(0)
     if variant == "reference":
         from lcr_fast.reference import (ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule,
@@ -40,7 +51,8 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
         model = ReferenceBYOL(ReferenceResNet(arch, maxpool=False)).to(device).train()
         opt = ReferenceLARS(model, lr=0.3 * batch / 256)
         sched = ReferenceSchedule(opt, 10, 0.0, 800, 0.3 * batch / 256, 0.0, 100)
-        return lambda i, x1, x2: reference_train_step(model, opt, sched, x1, x2)["loss"]
+        ran = {"precision": "fp32", "precision_reason": "the reference: fp32 eager", "layout": "contiguous"}
+        return (lambda i, x1, x2: reference_train_step(model, opt, sched, x1, x2)["loss"]), ran
 
     from lcr_fast import engine as eng
     from lcr_fast.config import load_config
@@ -55,9 +67,12 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
                              "engine": {"precision": precision, "channels_last": channels_last,
                                         "compile": compile_mode, "strict": True}})
     info = eng.init_distributed(cfg.engine.dist_timeout_s)
-    model, engine, optimizer, _ = build_engine(cfg, info, eng.resolve_precision(precision, device, strict=True))
+    choice = eng.choose_precision(precision, device, strict=True)
+    model, engine, optimizer, _ = build_engine(cfg, info, choice.precision)
     parts = StepParts(engine, model, optimizer, build_schedule(cfg, 100), pieces=1, channels_last=channels_last)
-    return lambda i, x1, x2: train_step(parts, [(x1, x2)], i).terms[0]
+    ran = {"precision": choice.precision, "precision_reason": choice.reason,
+           "layout": "channels_last" if channels_last else "contiguous"}
+    return (lambda i, x1, x2: train_step(parts, [(x1, x2)], i).terms[0]), ran
 
 
 def peak_memory(device: torch.device) -> int:
@@ -69,7 +84,8 @@ def peak_memory(device: torch.device) -> int:
 
 def _run_variant(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last, args.compile)
+    step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last,
+                              args.compile)
     g = torch.Generator(device="cpu").manual_seed(0)
     x1 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
@@ -84,15 +100,18 @@ def _run_variant(args) -> dict:
     float(loss)  # waits for the device
     seconds = (time.perf_counter() - tic) / args.steps
     peak = peak_memory(device)
+    flops = step_flops(lambda: step(args.warmup + args.steps, x1, x2))  # after the timing: the counter slows it
     return {"variant": args.variant, "device": device.type, "s_per_step": seconds, "pairs_per_s": args.batch / seconds,
-            "peak_bytes": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"}
+            "peak_bytes": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+            "gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / seconds, **ran}
 
 
 def add_common_arguments(p: argparse.ArgumentParser, steps: int) -> None:
     """The options the step and end-to-end benchmarks share (``--variant`` is how they call themselves)."""
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default=ENGINE["precision"], choices=["auto", "fp32", "bf16"],
+                   help="ours, as engine.precision (default: the trainer's, auto); the reference stays fp32")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -107,10 +126,32 @@ def run_variant(cmd: list[str], variant: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def describe(variant: str, r: dict, peaks: dict[str, dict]) -> str:
+    """One side's line: its speed, memory, what it ran and the share of the machine's peak it reaches."""
+    share = r["gflops"] / peaks[r["precision"]]["gflops"]
+    return (f"{variant:>9}: {r['s_per_step']:.3f} s/step  {r['pairs_per_s']:.2f} pairs/s  "
+            f"peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']})\n"
+            f"{'':>11}{r['precision']} ({r['precision_reason']}), {r['layout']}; {r['gflop_per_step']:.1f} GFLOP/step, "
+            f"{r['gflops']:.1f} GFLOP/s = {100 * share:.0f}% of this machine's {r['precision']} matmul peak")
+
+
+def measure_peaks(device: torch.device) -> dict[str, dict]:
+    """The matmul probe, printed, in the same run as the benchmark it scales."""
+    peaks = machine_peaks(device)
+    shown = ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s ({v['n']}^3)" for k, v in peaks.items())
+    print(f"matmul peak on {device.type}: {shown}")
+    return peaks
+
+
 def report(results: dict, args: argparse.Namespace, config_keys: tuple[str, ...], what: str) -> None:
     """Ratios of ours over the reference (same batch, so step time and pairs/s give the same speed-up) when
     both ran, printed and, with ``--json``, written with the figures of each."""
     results["config"] = {k: getattr(args, k) for k in config_keys}
+    peaks = results.get("machine_peak", {})
+    for variant in ("reference", "ours"):
+        if variant in results and peaks:
+            results[variant]["peak_fraction"] = results[variant]["gflops"] / peaks[results[variant]["precision"]][
+                "gflops"]
     if "reference" in results:
         ours, ref = results["ours"], results["reference"]
         results["speedup"] = ref["s_per_step"] / ours["s_per_step"]
@@ -126,9 +167,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
     add_common_arguments(p, steps=5)
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="ours with engine.channels_last, its default (the reference stays contiguous)")
-    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "aot_eager"],
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=ENGINE["channels_last"],
+                   help="ours with engine.channels_last (default: the trainer's); the reference stays contiguous")
+    p.add_argument("--compile", default=ENGINE["compile"], choices=["none", "default", "reduce-overhead", "aot_eager"],
                    help="torch.compile our ResNet trunks, as engine.compile (reduce-overhead: with CUDA graphs)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference (--no-reference: ours alone, e.g. a second, compiled run)")
@@ -137,15 +178,15 @@ def main() -> None:
         print(json.dumps(_run_variant(args)))
         return
 
-    results = {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"machine_peak": measure_peaks(device)}
     for variant in ("reference", "ours") if args.reference else ("ours",):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch,
                "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
-        results[variant] = r = run_variant(cmd, variant)
-        print(f"{variant:>9}: {r['s_per_step']:.3f} s/step  {r['pairs_per_s']:.2f} pairs/s  "
-              f"peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']})")
+        results[variant] = run_variant(cmd, variant)
+        print(describe(variant, results[variant], results["machine_peak"]))
     report(results, args, ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup"), "step")
 
 

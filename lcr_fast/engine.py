@@ -103,13 +103,15 @@ def choose_precision(precision: str, device: torch.device, strict: bool = False)
     CPU with AMX or AVX512-BF16) and fp32 elsewhere. An explicit bf16 on a GPU without it trains in
     fp32 after a warning, or raises FallbackError with ``strict`` (engine.strict); on such a CPU it
     runs as asked (correct there, only slow) after a warning."""
-    where = "GPU" if device.type == "cuda" else "CPU"
-    units = "compute capability 8.0" if device.type == "cuda" else "AMX or AVX512-BF16"
     if precision == "auto":
-        if native_bf16(device):
-            found = cpu_bf16_instructions() if device.type == "cpu" else "compute capability 8.0+"
-            return PrecisionChoice("bf16", f"auto: this {where} computes bf16 natively ({found})")
-        return PrecisionChoice("fp32", f"auto: this {where} has no native bf16 ({units})")
+        if device.type == "cuda":
+            if native_bf16(device):
+                return PrecisionChoice("bf16", "auto: this GPU computes bf16 natively, compute capability 8.0 or up")
+            return PrecisionChoice("fp32", "auto: this GPU has no native bf16, compute capability below 8.0")
+        found = cpu_bf16_instructions()
+        if found:
+            return PrecisionChoice("bf16", f"auto: this CPU computes bf16 natively with {found}")
+        return PrecisionChoice("fp32", "auto: this CPU has neither AMX nor AVX512-BF16, so no native bf16")
     if precision == "bf16" and not native_bf16(device):
         if device.type == "cuda":
             message = "engine.precision=bf16, but this GPU has no native bf16 (compute capability below 8.0)"
@@ -119,7 +121,7 @@ def choose_precision(precision: str, device: torch.device, strict: bool = False)
             return PrecisionChoice("fp32", "fallback: engine.precision=bf16 unsupported here")
         warnings.warn("engine.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16): bf16 is emulated "
                       "here and many times slower than fp32 (engine.precision=auto picks fp32)")
-        return PrecisionChoice("bf16", "engine.precision=bf16, emulated: this CPU has no AMX or AVX512-BF16")
+        return PrecisionChoice("bf16", "engine.precision=bf16, emulated: this CPU has neither AMX nor AVX512-BF16")
     return PrecisionChoice(precision, f"engine.precision={precision}")
 
 

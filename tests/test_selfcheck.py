@@ -200,18 +200,19 @@ def test_bf16_on_a_gpu_without_it_trains_in_fp32_or_fails_in_strict_mode(monkeyp
     assert messages == ["engine.precision=bf16, but this GPU has no native bf16 (compute capability below 8.0): "
                         "training in fp32 instead"]
     assert eng.choose_precision("auto", gpu) == eng.PrecisionChoice(
-        "fp32", "auto: this GPU has no native bf16 (compute capability 8.0)")
+        "fp32", "auto: this GPU has no native bf16, compute capability below 8.0")
     with pytest.raises(FallbackError, match="engine.strict forbids falling back to fp32"):
         eng.resolve_precision("bf16", gpu, strict=True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert eng.resolve_precision("bf16", gpu) == eng.resolve_precision("auto", gpu) == "bf16"
-    assert eng.choose_precision("auto", gpu).reason == "auto: this GPU computes bf16 natively (compute capability 8.0+)"
+    assert eng.choose_precision("auto", gpu).reason == \
+        "auto: this GPU computes bf16 natively, compute capability 8.0 or up"
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [
-    (True, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively (AMX)")),
-    (False, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively (AVX512-BF16)")),
-    (False, False, eng.PrecisionChoice("fp32", "auto: this CPU has no native bf16 (AMX or AVX512-BF16)")),
+    (True, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively with AMX")),
+    (False, True, eng.PrecisionChoice("bf16", "auto: this CPU computes bf16 natively with AVX512-BF16")),
+    (False, False, eng.PrecisionChoice("fp32", "auto: this CPU has neither AMX nor AVX512-BF16, so no native bf16")),
 ])
 def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -227,7 +228,8 @@ def test_explicit_bf16_on_a_cpu_without_it_runs_as_asked_with_a_warning(monkeypa
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     choice, messages = _caught(eng.choose_precision, "bf16", torch.device("cpu"), strict=True)
-    assert choice == eng.PrecisionChoice("bf16", "engine.precision=bf16, emulated: this CPU has no AMX or AVX512-BF16")
+    assert choice == eng.PrecisionChoice("bf16",
+                                         "engine.precision=bf16, emulated: this CPU has neither AMX nor AVX512-BF16")
     assert len(messages) == 1 and "emulated here and many times slower than fp32" in messages[0]
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     choice, messages = _caught(eng.choose_precision, "bf16", torch.device("cpu"))
