@@ -90,8 +90,9 @@ DEFAULTS: dict[str, Any] = {
         "val_per_class": 0,
     },
     "engine": {
-        # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling); all autocast
-        # with fp32 master weights, BN statistics, EMA target and MoCo queue
+        # auto (bf16 where the device computes it natively: a GPU from compute capability 8.0, a CPU with AMX or
+        # AVX512-BF16; else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling); all autocast with fp32 master weights,
+        # BN statistics, EMA target and MoCo queue, and the heads after layer4 in fp32
         "precision": "auto",
         "zero_stage": 0,  # 0 with lars_simclr; 1 or 2 partition optimizer state (and gradients) with sgd / adamw
         "grad_accum_steps": 1,  # micro-batches per optimizer step on each rank; train.batch_size stays the global batch
