@@ -185,9 +185,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                             epoch: int, step: int, config: dict, extra: dict | None = None) -> None:
+                             epoch: int, step: int, config: dict, extra: dict | None = None,
+                             runs: list[dict] | None = None) -> None:
     """``epoch`` is the next epoch to run and ``step`` the number of optimizer steps taken. ``optimizer``
-    None: its state is kept elsewhere (ZeRO's per-rank partitions, written by the engine)."""
+    None: its state is kept elsewhere (ZeRO's per-rank partitions, written by the engine). ``runs``: the
+    record (``lcr_fast.run_info``) of each run that trained these weights, the writer's last; checkpoints
+    written before it existed have no ``runs``, and load as they are."""
     state = {
         "format": "lcr-fast/1",
         "model": model.state_dict(),
@@ -197,6 +200,7 @@ def save_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module, op
         "rng": rng_state(),
         "config": config,
         "extra": extra or {},
+        "runs": runs or [],
     }
     try:
         atomic_save(state, path)

@@ -5,8 +5,9 @@ import contextlib
 import os
 import shutil
 import socket
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .errors import FallbackError
+from .launch import Launch, read_launch
 
 
 class ProcessGroupError(RuntimeError):
@@ -26,6 +28,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    launch: Launch | None = None  # what the launcher announced (lcr_fast.launch)
 
     @property
     def is_main(self) -> bool:
@@ -38,37 +41,80 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: int = 600, local_rank: int | None = None) -> DistInfo:
-    """Join the process group the launcher describes (RANK, WORLD_SIZE, ...), or form a group of one.
+def resolve_launch(local_rank: int | None = None) -> Launch:
+    """The launch this process's environment describes (``lcr_fast.launch.read_launch``), with a free
+    local port for a group of one and the deepspeed launcher's ``--local_rank`` (``local_rank``) applied."""
+    launch = read_launch(os.environ)
+    if launch.master_port is None:
+        launch = replace(launch, master_port=_free_port())
+    if local_rank is not None and local_rank >= 0:
+        launch = replace(launch, local_rank=local_rank)
+    return launch
 
-    ``deepspeed`` and ``torchrun`` set the variables; a plain ``python lcr_fast/train.py`` gets a
-    single-process group on a free local port, so both run the same code.
-    """
+
+def _cuda_index(local_rank: int) -> int:
+    # srun --gpus-per-task (or a GPU binding) shows each task only its own GPU, as device 0.
+    count = torch.cuda.device_count()
+    return local_rank if local_rank < count else local_rank % count
+
+
+def _wait_for_master(launch: Launch, timeout_s: int) -> None:
+    """Wait at most ``timeout_s`` for rank 0's store to listen: torch's own client retries with a back-off that
+    lets it give up only after two to three times the timeout. A connection that closes at once is harmless there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            left = max(deadline - time.monotonic(), 0.1)
+            socket.create_connection((launch.master_addr, launch.master_port), timeout=min(left, 5)).close()
+            return
+        except OSError as exc:  # refused, unreachable, or a name not resolvable yet
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout_s} s waiting for rank 0 to listen ({exc})") from exc
+            time.sleep(0.5)
+
+
+def _join_error(launch: Launch, timeout_s: int, exc: BaseException) -> str:
+    """One line: where the group was to form, what torch said, and what to check."""
+    cause = str(exc).splitlines()[0].rstrip(".")
+    message = (f"cannot form the process group at {launch.master_addr}:{launch.master_port} (rank {launch.rank} of "
+               f"{launch.world_size}, launcher {launch.launcher}): {cause}.")
+    if "timed out" in cause.lower():
+        started = {"slurm": "srun start every task of the step (SLURM_NTASKS)",
+                   "openmpi": "mpirun start every rank", "mpich": "mpirun start every rank"}.get(
+                       launch.launcher, "every rank start")
+        return (f"{message} Not all {launch.world_size} processes joined within engine.dist_timeout_s={timeout_s} s: "
+                f"did {started}, and can each reach {launch.master_addr}:{launch.master_port} (MASTER_ADDR, "
+                "MASTER_PORT; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on hosts with several interfaces)?")
+    return (f"{message} Is another run using that port? Pick a free one with --master_port (deepspeed) or "
+            "MASTER_PORT.")
+
+
+def init_distributed(timeout_s: int = 600, local_rank: int | None = None, launch: Launch | None = None) -> DistInfo:
+    """Join the process group ``launch`` (by default :func:`resolve_launch`) describes: deepspeed's,
+    torchrun's, srun's or an MPI launcher's, or a group of one on a free local port for a plain
+    ``python lcr_fast/train.py``, so that all of them run the same code. Ranks that do not all arrive
+    within ``timeout_s`` end in a ProcessGroupError."""
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if local_rank is None or local_rank < 0:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = launch or resolve_launch(local_rank)
+    # DeepSpeed and torch read the group from these; with all five set, DeepSpeed's own MPI discovery stays out.
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
+                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = _cuda_index(launch.local_rank)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
         try:
+            if launch.rank > 0:
+                _wait_for_master(launch, timeout_s)
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        timeout=timedelta(seconds=timeout_s), verbose=False)
         except (RuntimeError, OSError) as exc:  # torch raises DistNetworkError / DistStoreError, both RuntimeErrors
-            address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            raise ProcessGroupError(
-                f"cannot form the process group at {address} "
-                f"(rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}): "
-                f"{str(exc).splitlines()[0]}. Is another run using that port? Pick a free one with --master_port "
-                f"(deepspeed) or MASTER_PORT."
-            ) from exc
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+            raise ProcessGroupError(_join_error(launch, timeout_s, exc)) from exc
+    return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, device, launch)
 
 
 def cpu_bf16_instructions() -> str | None:

@@ -136,14 +136,19 @@ class NonFiniteWatch:
                                      "last checkpoint was left as it was")
 
 
+# SIGTERM: preemption (SLURM sends it, then SIGKILL after KillWait); SIGINT: Ctrl-C; SIGUSR1: the early warning a
+# SLURM job asks for with --signal=USR1@120 (or B:USR1@120, forwarded by its batch script).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class StopRequest:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at a step boundary with a checkpoint
-    it can resume from exactly: the next step in one process; with several ranks the next log-interval
+    """A stop signal (STOP_SIGNALS) asks the run to stop at a step boundary with a checkpoint it can
+    resume from exactly: the next step in one process; with several ranks the next log-interval
     step, whose host sync the agreement rides on."""
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
 
     def _note(self, signum, _frame) -> None:

@@ -155,6 +155,38 @@ def _components_markdown(c: dict) -> list[str]:
     return [f"- components on {c['device']}{' (strict)' if c['strict'] else ''}: {paths}", f"- kernels: {kernels}"]
 
 
+_VERSION_LABELS = (("python", "Python"), ("torch", "torch"), ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"),
+                   ("triton", "Triton"), ("dali", "DALI"), ("deepspeed", "DeepSpeed"), ("torchvision", "torchvision"),
+                   ("lcr_fast", "lcr-fast"))
+
+
+def _launch_words(run: dict) -> str:
+    hosts = ", ".join(run["hosts"])
+    return (f"{run['launcher']}, {run['world_size']} rank(s) on {run['nodes']} node(s) (hosts {hosts}), process "
+            f"group at {run['master']}")
+
+
+def _run_markdown(run: dict, earlier: list[dict]) -> list[str]:
+    """How the run was started and what it ran on (lcr_fast.run_info's record), and the runs it resumed."""
+    devices: dict[str, int] = {}
+    for rank in run["ranks"]:
+        devices[rank["device"]] = devices.get(rank["device"], 0) + 1
+    versions = ", ".join(f"{label} {run['versions'][key]}" for key, label in _VERSION_LABELS
+                         if run["versions"].get(key))
+    git = run.get("git")
+    if git:
+        versions += f" (git {git['commit'][:12]}{', with uncommitted changes' if git['dirty'] else ''})"
+    lines = ["", "## Run", "", f"- launcher: {_launch_words(run)}",
+             "- devices: " + ", ".join(f"{name} x {count}" for name, count in devices.items()),
+             f"- versions: {versions}", "- command: `" + " ".join(run["command"]) + "`"]
+    if earlier:  # a resumed run: which launch trained which steps
+        segments = [*earlier, run]
+        for segment, following in zip(segments, [*segments[1:], None]):
+            until = f"to {following['first_step']}" if following else "on (this run)"
+            lines.append(f"- steps {segment['first_step']} {until}: {_launch_words(segment)}")
+    return lines
+
+
 def training_markdown(results: dict) -> str:
     """report.md: settings, throughput, last losses, the retrieval table, kNN, best epochs, history, pictures."""
     lines = [f"# {results.get('name', 'lcr-fast run')}", ""]
@@ -208,6 +240,8 @@ def training_markdown(results: dict) -> str:
     for key, label in (("curves", "training curves"), ("heatmaps", "rationale heatmaps")):
         if results.get(key):
             lines += ["", f"![{label}]({os.path.basename(results[key])})"]
+    if results.get("run"):
+        lines += _run_markdown(results["run"], results.get("earlier_runs", []))
     guide = reading_guide(results)
     if guide:
         lines += ["", "## What the numbers mean", ""] + [f"- {line}" for line in guide]

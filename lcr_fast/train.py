@@ -27,14 +27,14 @@ if __package__ in (None, ""):
 import argparse
 import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lcr_fast import engine as eng
-from lcr_fast import selfcheck
+from lcr_fast import run_info, selfcheck
 from lcr_fast.checkpoint import (check_checkpoint_file, check_writable, load_training_checkpoint, run_lock,
                                  save_training_checkpoint, set_rng_state)
 from lcr_fast.compat import export_reference_checkpoint, load_state_strict
@@ -179,7 +179,10 @@ def seed_process(seed: int) -> None:
 def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     """Join the process group, then what needs the device: its checks, the precision and the seeds."""
     os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
-    info = eng.init_distributed(cfg.engine.dist_timeout_s, args.local_rank)
+    launch = eng.resolve_launch(args.local_rank)
+    # Every rank says what it was told before it joins: a group that never forms leaves that trace.
+    print(launch.describe(), flush=True)
+    info = eng.init_distributed(cfg.engine.dist_timeout_s, launch=launch)
     if info.world_size > 1:
         # With seed: null every process drew its own; rank 0's is the run's, so that all ranks read one
         # permutation of the data and hold out the same validation images.
@@ -230,6 +233,8 @@ class Run:
     precision: str
     components: selfcheck.Components
     val_loader: object = None  # the held-out validation images (data.val_per_class), else None
+    record: dict | None = None  # rank 0: what this process ran on and how it was started (lcr_fast.run_info)
+    earlier_runs: list[dict] = field(default_factory=list)  # the records of the runs it resumed, oldest first
 
     @property
     def ckpt_path(self) -> str:
@@ -299,6 +304,7 @@ def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: In
     parts = StepParts(engine, model, optimizer, schedule, info.world_size * accum, cfg.engine.channels_last,
                       skip_nonfinite=cfg.engine.on_nonfinite == "skip")
     log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
+    record = run_record(info, state.step)
     if info.is_main:
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
         components.write(args.log_dir)
@@ -307,8 +313,16 @@ def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: In
                        info.world_size, cfg.train.batch_size, cfg.engine.log_interval, cfg.train.num_epochs,
                        stop_on_nonfinite=cfg.engine.on_nonfinite == "stop",
                        show_progress=info.is_main and not args.hide_progress)
+    earlier = inputs.resume.get("runs", []) if inputs.resume is not None else []
     return Run(args, cfg, info, inputs, parts, state, ctx, memory_loader, test_loader, precision, components,
-               val_loader)
+               val_loader, record, earlier)
+
+
+def run_record(info: eng.DistInfo, first_step: int = 0) -> dict | None:
+    """Rank 0: the run's record (lcr_fast.run_info) with every rank's host and device; None elsewhere. A
+    collective: every rank calls it."""
+    ranks = run_info.gather_ranks(info.launch, info.device)
+    return run_info.collect(info.launch, info.device, ranks, first_step) if info.is_main else None
 
 
 def write_checkpoint(run: Run) -> None:
@@ -321,7 +335,8 @@ def write_checkpoint(run: Run) -> None:
         extra["zero_tag"] = eng.save_zero_state(run.parts.engine, folder, run.state.step)
     if run.info.is_main:
         save_training_checkpoint(run.ckpt_path, run.parts.model, None if zero else run.parts.optimizer,
-                                 run.state.epoch, run.state.step, run.cfg.to_dict(), extra)
+                                 run.state.epoch, run.state.step, run.cfg.to_dict(), extra,
+                                 runs=[*run.earlier_runs, run.record])
         if zero:
             eng.remove_stale_zero_states(folder, extra["zero_tag"])
     eng.barrier()
@@ -465,6 +480,7 @@ def finish(run: Run) -> dict:
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None,
                      "skipped_steps": state.skipped, "untrained": state.untrained,
                      "num_classes": len(run.inputs.test_index.classes), "components": run.components.to_dict(),
+                     "run": run.record, **({"earlier_runs": run.earlier_runs} if run.earlier_runs else {}),
                      "config": cfg.to_dict()}
     pictures = heatmap_inputs(run)
     # The last collective. Rank 0 carries on alone, and the other ranks end here rather than wait for it
@@ -509,7 +525,7 @@ def evaluate_only(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inp
     model = model.to(info.device)
     memory_loader, test_loader, _, components.data = eval_loaders(cfg, args, inputs, info, cfg.data.backend)
     knn_k = min(cfg.train.knn_k, len(inputs.train_index))
-    results = {"checkpoint": args.eval_from, "knn_k": knn_k, "knn_t": cfg.train.knn_t}
+    results = {"checkpoint": args.eval_from, "knn_k": knn_k, "knn_t": cfg.train.knn_t, "run": run_record(info)}
     precision = components.precision
     results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t,
                             progress=info.is_main and not args.hide_progress,

@@ -1,6 +1,7 @@
 """Test-wide settings shared by every test module."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,12 @@ import torch
 # before triton is first imported, because @triton.jit reads it when a kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch builds DeepSpeed's CPU communication op (at every process group's start) with the first `ninja` on PATH.
+# The venv has one (deepspeed requires it) and a machine may have another version, whose build logs differ: each
+# then rebuilds, 30 s, what the other built. The tests' processes find the venv's first, as the deepspeed
+# launcher's ranks and a user with the venv activated do.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from helpers import uninterrupted_losses  # noqa: E402 (our package, imported once the choice above is made)
 

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from lcr_fast.config import load_config
+from lcr_fast.launch import LAUNCH_PREFIXES, LAUNCH_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "lcr_fast" / "train.py"
@@ -70,7 +71,9 @@ def config_file(folder: Path, **sections) -> Path:
     return path
 
 
-PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+def launch_variable(name: str) -> bool:
+    """Whether ``name`` is one of the variables lcr_fast.launch reads to place a process in its run."""
+    return name in LAUNCH_VARIABLES or name.startswith(LAUNCH_PREFIXES)
 
 
 def free_port() -> int:
@@ -80,23 +83,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_command(*argv, ranks: int | None = None, env: dict | None = None, wait: bool = True, timeout: float = 600):
+def run_command(*argv, ranks: int | None = None, launcher: list | None = None, env: dict | None = None,
+                wait: bool = True, timeout: float = 600):
     """Start one of our command lines as a user does: ``python *argv`` (a script, or ``-m`` and a module, with its
-    options), or with ``ranks`` the deepspeed launcher starting that many ranks. ``env`` adds to this environment.
+    options), with ``ranks`` the deepspeed launcher starting that many ranks, or ``launcher *argv`` (torchrun and its
+    options, a job script, ...). ``env`` adds to this environment.
 
     With ``wait``, the finished process with stdout and stderr apart. Without, the running process with stderr in
     stdout, in a session of its own so that a test can end a launcher and all of its ranks with ``os.killpg``.
     """
-    # A process group formed inside pytest (the in-process engine tests) leaves its variables behind; a command
-    # line inheriting them would try to join that group's port. Each one forms its own, as a user's does.
-    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
+    # A process group formed inside pytest (the in-process engine tests) leaves its variables behind, and a suite run
+    # inside a SLURM job or under mpirun has its launcher's: a command line inheriting them would try to join that
+    # group. Each one forms its own, as a user's does, from what ``env`` says.
+    inherited = {k: v for k, v in os.environ.items() if not launch_variable(k)}
     env = {**inherited, **(env or {})}
-    if ranks:
-        cmd = [str(LAUNCHER), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    if ranks or launcher:
+        cmd = [str(LAUNCHER), "--num_gpus", str(ranks), "--master_port", str(free_port())] if ranks else launcher
         env["PATH"] = str(LAUNCHER.parent) + os.pathsep + env["PATH"]  # the venv first, as `make demo` launches
     else:
         cmd = [sys.executable]
-    cmd += [str(arg) for arg in argv]
+    cmd = [str(arg) for arg in [*cmd, *argv]]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                                 start_new_session=True)
@@ -140,3 +146,39 @@ def uninterrupted_losses(root: Path) -> tuple[Path, dict[int, float]]:
     full = run_train(root, "full", cfg_path)
     assert full.returncode == 0, full.stdout + full.stderr
     return cfg_path, {m["step"]: m["loss"] for m in metrics(root / "full") if "loss" in m}
+
+
+FAKE_SLURM = """#!{python}
+# {name}, as SLURM's would run here: records its command line in $SLURM_RECORD (a JSON list a line). srun then
+# runs its command as task 0 of the job; scontrol prints `show hostnames`; anything else only records.
+import json, os, sys
+name = os.path.basename(sys.argv[0])
+with open(os.environ["SLURM_RECORD"], "a") as f:
+    f.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
+if name == "srun":
+    command = sys.argv[1:]
+    while command[0].startswith("-"):  # the scripts write srun's options as --name=value
+        command.pop(0)
+    os.environ.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    os.execvp(command[0], command)
+if name == "scontrol" and sys.argv[1:3] == ["show", "hostnames"]:
+    sys.path.insert(0, {repo!r})
+    from lcr_fast.launch import expand_nodelist
+    print("\\n".join(expand_nodelist(sys.argv[3])))
+"""
+
+
+def fake_slurm(folder: Path, *recorders: str) -> Path:
+    """``folder`` with ``srun`` and ``scontrol`` as :data:`FAKE_SLURM` describes them, and a recorder for each name of
+    ``recorders`` (``python``, ``deepspeed``): put it first on PATH and set SLURM_RECORD to run a job script here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("srun", "scontrol", *recorders):
+        path = folder / name
+        path.write_text(FAKE_SLURM.format(python=sys.executable, name=name, repo=str(REPO)))
+        path.chmod(0o755)
+    return folder
+
+
+def recorded(record: Path) -> list[list[str]]:
+    """The command lines the fake SLURM tools recorded, in order."""
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
