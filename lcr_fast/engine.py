@@ -79,9 +79,9 @@ def _join_error(launch: Launch, timeout_s: int, exc: BaseException) -> str:
     message = (f"cannot form the process group at {launch.master_addr}:{launch.master_port} (rank {launch.rank} of "
                f"{launch.world_size}, launcher {launch.launcher}): {cause}.")
     if "timed out" in cause.lower():
-        started = {"slurm": "srun start every task of the step (SLURM_NTASKS)",
-                   "openmpi": "mpirun start every rank", "mpich": "mpirun start every rank"}.get(
-                       launch.launcher, "every rank start")
+        started = ("srun start every task of the step (SLURM_NTASKS)" if launch.launcher == "slurm" else
+                   "mpirun start every rank" if launch.launcher in ("openmpi", "mvapich", "mpich") else
+                   "every rank start")
         return (f"{message} Not all {launch.world_size} processes joined within engine.dist_timeout_s={timeout_s} s: "
                 f"did {started}, and can each reach {launch.master_addr}:{launch.master_port} (MASTER_ADDR, "
                 "MASTER_PORT; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on hosts with several interfaces)?")

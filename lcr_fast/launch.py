@@ -5,10 +5,11 @@ Launchers name the same facts differently; :func:`read_launch` reads them in thi
 1. ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``: the deepspeed launcher (pdsh, ``--no_ssh``, and its mpich and
    impi launchers, which export them), torchrun, or a job script that sets them;
 2. OpenMPI's ``mpirun`` (DeepSpeed's ``--launcher openmpi``): ``OMPI_COMM_WORLD_RANK`` / ``SIZE`` / ``LOCAL_RANK``;
-3. MPICH's and Intel MPI's ``mpirun`` (Hydra): ``PMI_RANK`` / ``PMI_SIZE`` / ``MPI_LOCALRANKID``;
-4. ``srun`` (DeepSpeed's ``--launcher slurm``): ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` /
+3. MVAPICH's ``mpirun`` (DeepSpeed's ``--launcher mvapich``): ``MV2_COMM_WORLD_RANK`` / ``SIZE`` / ``LOCAL_RANK``;
+4. MPICH's and Intel MPI's ``mpirun`` (Hydra): ``PMI_RANK`` / ``PMI_SIZE`` / ``MPI_LOCALRANKID``;
+5. ``srun`` (DeepSpeed's ``--launcher slurm``): ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` /
    ``SLURM_NODEID``, the master the first host of the step's node list, the port derived from the job id;
-5. else a single process.
+6. else a single process.
 
 The MPI launchers come before SLURM's variables: inside an allocation mpirun starts its ranks from one
 daemon per node that srun started, so every rank inherits that daemon's SLURM_PROCID (the node's index),
@@ -31,7 +32,7 @@ DEFAULT_PORT = 29500
 LOOPBACK = "127.0.0.1"
 
 # Every variable read here: a test or a tool that starts a run of its own must not pass these on.
-LAUNCH_PREFIXES = ("SLURM_", "OMPI_COMM_WORLD_", "PMI_", "MPI_LOCAL")
+LAUNCH_PREFIXES = ("SLURM_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "PMI_", "MPI_LOCAL")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
@@ -44,7 +45,7 @@ class LaunchError(InputError):
 class Launch:
     """This process's place in the run, as its launcher announced it."""
 
-    launcher: str  # deepspeed | torchrun | env | openmpi | mpich | slurm | single
+    launcher: str  # deepspeed | torchrun | env | openmpi | mvapich | mpich | slurm | single
     rank: int
     world_size: int
     local_rank: int
@@ -135,6 +136,9 @@ def read_launch(environ: Mapping[str, str]) -> Launch:
     elif "OMPI_COMM_WORLD_RANK" in environ:
         launch = _mpi(environ, "openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                       "OMPI_COMM_WORLD_LOCAL_SIZE")
+    elif "MV2_COMM_WORLD_RANK" in environ:
+        launch = _mpi(environ, "mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
+                      "MV2_COMM_WORLD_LOCAL_SIZE")
     elif "PMI_RANK" in environ and "MPI_LOCALRANKID" in environ:
         launch = _mpi(environ, "mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
     elif "SLURM_PROCID" in environ:

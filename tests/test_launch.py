@@ -117,6 +117,16 @@ def test_openmpi_ranks():
     assert read_launch({**two_hosts, "MASTER_ADDR": "n3"}).nodes == 2
 
 
+def test_mvapich_ranks():
+    mvapich = {"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "1",
+               "MV2_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "h1", "MASTER_PORT": "23500"}
+    assert read_launch(mvapich) == Launch("mvapich", 3, 4, 1, None, 2, "h1", 23500)
+    # Its mpirun is Hydra's, which also sets the PMI variables: MVAPICH's own are read.
+    assert read_launch({**mvapich, "PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"}) == read_launch(mvapich)
+    with pytest.raises(LaunchError, match=r"mvapich's mpirun runs 4 ranks on several hosts .*-genv MASTER_ADDR"):
+        read_launch({k: v for k, v in mvapich.items() if k != "MASTER_ADDR"})
+
+
 def test_mpich_and_intel_mpi_ranks():
     hydra = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "h1"}
     assert read_launch(hydra) == Launch("mpich", 2, 4, 0, None, 2, "h1", 29500)
