@@ -69,7 +69,8 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
     info = eng.init_distributed(cfg.engine.dist_timeout_s)
     choice = eng.choose_precision(precision, device, strict=True)
     model, engine, optimizer, _ = build_engine(cfg, info, choice.precision)
-    parts = StepParts(engine, model, optimizer, build_schedule(cfg, 100), pieces=1, channels_last=channels_last)
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=build_schedule(cfg, 100), pieces=1,
+                      channels_last=channels_last)
     ran = {"precision": choice.precision, "precision_reason": choice.reason,
            "layout": "channels_last" if channels_last else "contiguous"}
     return (lambda i, x1, x2: train_step(parts, [(x1, x2)], i).terms[0]), ran

@@ -169,7 +169,8 @@ def check_kernels(full: bool = False) -> Check:
 def _one_batch(path: str, data_dir: str, device: torch.device) -> None:
     from lcr_fast.data import build_train_loader
 
-    loader = build_train_loader(data_dir, "byol", 4, 64, path, device, 1, seed=0)
+    loader = build_train_loader(data_dir, recipe="byol", batch_size=4, image_size=64, backend=path, device=device,
+                                num_threads=1, seed=0)
     if path == "torchvision":
         next(iter(loader))
     else:
@@ -180,7 +181,9 @@ def _define_mixed(data_dir: str) -> None:
     """The GPU graph, defined without a GPU: DALI's checks of operator devices and argument inputs."""
     from lcr_fast.data import build_train_loader
 
-    build_train_loader(data_dir, "byol", 4, 64, "dali-mixed", "cuda:0", 1, seed=0).define(device_id=None)
+    loader = build_train_loader(data_dir, recipe="byol", batch_size=4, image_size=64, backend="dali-mixed",
+                                device="cuda:0", num_threads=1, seed=0)
+    loader.define(device_id=None)
 
 
 def check_data() -> Check:
@@ -228,7 +231,8 @@ def check_step() -> Check:
     info = eng.init_distributed(cfg.engine.dist_timeout_s)
     precision = eng.resolve_precision(cfg.engine.precision, info.device, strict=True)
     model, engine, optimizer, _ = build_engine(cfg, info, precision)
-    parts = StepParts(engine, model, optimizer, build_schedule(cfg, STEP_WARMUP + STEP_COUNT), pieces=1,
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer,
+                      schedule=build_schedule(cfg, STEP_WARMUP + STEP_COUNT), pieces=1,
                       channels_last=cfg.engine.channels_last)
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(batch, 3, size, size, generator=g).to(info.device) for _ in range(2)]

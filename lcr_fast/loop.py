@@ -45,13 +45,13 @@ class RunState:
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> RunState:
         extra = ckpt["extra"]
-        return cls(ckpt["epoch"], ckpt["step"], extra.get("epoch_step", 0), extra.get("history", []),
-                   extra.get("skipped", 0), extra.get("untrained"))
+        return cls(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=extra.get("epoch_step", 0),
+                   history=extra.get("history", []), skipped=extra.get("skipped", 0), untrained=extra.get("untrained"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepParts:
-    """What ``train_step`` works with; built once per run."""
+    """What ``train_step`` works with; built once per run, by keyword (two counts and two flags sit among them)."""
 
     engine: Any  # the DeepSpeed engine around ``model``
     model: nn.Module
@@ -164,9 +164,9 @@ class StopRequest:
         return bool(flag.item())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochContext:
-    """What ``run_epoch`` needs besides the step and the state; built once per run."""
+    """What ``run_epoch`` needs besides the step and the state; built once per run, by keyword."""
 
     loader: Any  # a training loader: iterable of (view1, view2, labels), with set_epoch and len()
     log: RunLog

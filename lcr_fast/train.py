@@ -210,8 +210,10 @@ def eval_loaders(cfg: Config, args: argparse.Namespace, inputs: Inputs, info: en
         if index is None:
             loaders.append(None)
             continue
-        loader, backend = checked_loader(lambda path: build_eval_loader(args.data_dir, split, batch, size, path,
-                                                                        info.device, threads, index=index),
+        loader, backend = checked_loader(lambda path: build_eval_loader(args.data_dir, split, batch_size=batch,
+                                                                        image_size=size, backend=path,
+                                                                        device=info.device, num_threads=threads,
+                                                                        index=index),
                                          backend, info.device, cfg.engine.strict)
         loaders.append(loader)
     return (*loaders, backend)
@@ -289,9 +291,10 @@ def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: In
     precision, accum = components.precision, cfg.engine.grad_accum_steps
     micro = eng.micro_batch_size(cfg, info.world_size)
     train_loader, components.data = checked_loader(
-        lambda path: build_train_loader(args.data_dir, recipe_for(cfg), micro, cfg.dataset.image_size, path,
-                                        info.device, cfg.dataset.num_workers, cfg.seed, info.rank, info.world_size,
-                                        index=inputs.train_index, micro_batches=accum),
+        lambda path: build_train_loader(args.data_dir, recipe=recipe_for(cfg), batch_size=micro,
+                                        image_size=cfg.dataset.image_size, backend=path, device=info.device,
+                                        num_threads=cfg.dataset.num_workers, seed=cfg.seed, shard_id=info.rank,
+                                        num_shards=info.world_size, index=inputs.train_index, micro_batches=accum),
         cfg.data.backend, info.device, cfg.engine.strict)
     memory_loader, test_loader, val_loader, _ = eval_loaders(cfg, args, inputs, info, components.data)
     model, engine, optimizer, state = build_engine(cfg, info, precision, inputs.resume, inputs.resume_path)
@@ -301,7 +304,8 @@ def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: In
         print(f"resumed from {inputs.resume_path}: epoch {state.epoch}, step {state.step}"
               + (f" ({state.epoch_step} into the epoch)" if state.epoch_step else ""))
     schedule = build_schedule(cfg, len(train_loader) // accum)
-    parts = StepParts(engine, model, optimizer, schedule, info.world_size * accum, cfg.engine.channels_last,
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=schedule,
+                      pieces=info.world_size * accum, channels_last=cfg.engine.channels_last,
                       skip_nonfinite=cfg.engine.on_nonfinite == "skip")
     log = RunLog(args.log_dir, cfg.logger.tensorboard, enabled=info.is_main)
     record = run_record(info, state.step)
@@ -309,8 +313,9 @@ def set_up(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inputs: In
         save_config(cfg, os.path.join(args.log_dir, "config.yaml"))
         components.write(args.log_dir)
     watch = NonFiniteWatch(info.device, model.rationale_weight)
-    ctx = EpochContext(train_loader, log, watch, StopRequest(), info.device,
-                       info.world_size, cfg.train.batch_size, cfg.engine.log_interval, cfg.train.num_epochs,
+    ctx = EpochContext(loader=train_loader, log=log, watch=watch, stop=StopRequest(), device=info.device,
+                       world_size=info.world_size, global_batch=cfg.train.batch_size,
+                       log_interval=cfg.engine.log_interval, num_epochs=cfg.train.num_epochs,
                        stop_on_nonfinite=cfg.engine.on_nonfinite == "stop",
                        show_progress=info.is_main and not args.hide_progress)
     earlier = inputs.resume.get("runs", []) if inputs.resume is not None else []

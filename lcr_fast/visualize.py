@@ -128,7 +128,8 @@ def pick_images(index, n: int, image_size: int) -> tuple[Tensor, list[str]]:
 
     picks = sorted({int(round(i)) for i in np.linspace(0, len(index) - 1, min(n, len(index)))})
     subset = dataclasses.replace(index, samples=[index.samples[i] for i in picks])
-    images, labels = next(iter(TorchEvalLoader(subset, len(picks), image_size, torch.device("cpu"), 0)))
+    images, labels = next(iter(TorchEvalLoader(subset, batch_size=len(picks), image_size=image_size, device="cpu",
+                                            num_workers=0)))
     return images, [index.classes[int(label)] for label in labels]
 
 

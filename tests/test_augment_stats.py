@@ -40,7 +40,8 @@ def _pixels(view: torch.Tensor) -> np.ndarray:
 
 def _dali_views(index, recipe: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """PAIRS pairs of views in 0..255, [N, 3, S, S] each."""
-    loader = dali.DaliTrainLoader(index, recipe, 32, image_size, "cpu", 2, seed=0)
+    loader = dali.DaliTrainLoader(index, recipe=recipe, batch_size=32, image_size=image_size, device="cpu",
+                                  num_threads=2, seed=0)
     batches = []
     for epoch in range(PAIRS // (32 * len(loader))):
         loader.set_epoch(epoch)

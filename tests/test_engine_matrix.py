@@ -43,7 +43,8 @@ def test_every_advertised_combination_takes_a_step(info, method, zero, channels_
     cfg = _config(method, zero, channels_last, precision)
     torch.manual_seed(0)
     model, engine, optimizer, _ = build_engine(cfg, info, precision)
-    parts = StepParts(engine, model, optimizer, build_schedule(cfg, 10), pieces=1, channels_last=channels_last)
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=build_schedule(cfg, 10), pieces=1,
+                      channels_last=channels_last)
     before = [p.detach().clone() for p in model.backbone.parameters()]
     g = torch.Generator().manual_seed(1)
     views = [(torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g))]

@@ -74,11 +74,13 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch, config):
     cfg = load_config(REPO / "configs" / config, overrides)
     info = eng.init_distributed(60)
     model, engine, optimizer, _ = build_engine(cfg, info, "fp32")
-    parts = StepParts(engine, model, optimizer, build_schedule(cfg, STEPS), pieces=1, channels_last=True)
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=build_schedule(cfg, STEPS), pieces=1,
+                      channels_last=True)
     state = RunState()
     log = RunLog(str(tmp_path), tensorboard=False)
-    ctx = EpochContext(Batches(STEPS, 4, 32), log, NonFiniteWatch(info.device, 0.01), StopRequest(), info.device, 1, 4,
-                       LOG_INTERVAL, 1, stop_on_nonfinite=True, show_progress=False)
+    ctx = EpochContext(loader=Batches(STEPS, 4, 32), log=log, watch=NonFiniteWatch(info.device, 0.01),
+                       stop=StopRequest(), device=info.device, world_size=1, global_batch=4, log_interval=LOG_INTERVAL,
+                       num_epochs=1, stop_on_nonfinite=True, show_progress=False)
     counter = SyncCounter(state)
     step = loop.train_step
 

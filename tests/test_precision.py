@@ -41,7 +41,7 @@ def _one_step(info, precision: str) -> tuple[torch.Tensor, list[torch.Tensor], l
                                                         "engine": {"precision": precision}})
     torch.manual_seed(0)
     model, engine, optimizer, _ = build_engine(cfg, info, precision)
-    parts = StepParts(engine, model, optimizer, build_schedule(cfg, 10), pieces=1,
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=build_schedule(cfg, 10), pieces=1,
                       channels_last=cfg.engine.channels_last)
     before = [p.detach().clone() for p in model.backbone.parameters()]
     g = torch.Generator().manual_seed(1)

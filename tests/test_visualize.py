@@ -27,7 +27,7 @@ def _model_and_images(tmp_path, n=3):
         model.backbone(torch.randn(4, 3, SIZE, SIZE))
     write_folder(tmp_path / "data", classes=3, per_class=2, size=56)
     index = scan_split(tmp_path / "data", "test")
-    images, _ = next(iter(TorchEvalLoader(index, n, SIZE, torch.device("cpu"), 0)))
+    images, _ = next(iter(TorchEvalLoader(index, batch_size=n, image_size=SIZE, device="cpu", num_workers=0)))
     return cfg, model, images
 
 

@@ -44,33 +44,37 @@ def resolve_backend(backend: str) -> str:
 
 def build_train_loader(data_dir: str | os.PathLike, recipe: str, batch_size: int, image_size: int, backend: str,
                        device: torch.device | str, num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1,
-                       index: FolderIndex | None = None, micro_batches: int = 1):
+                       *, index: FolderIndex | None = None, micro_batches: int = 1):
     """Two-view training batches ``(view1, view2, labels)`` of one rank's shard of ``data_dir/train``;
-    ``micro_batches`` batches of ``batch_size`` make one optimizer step (gradient accumulation)."""
+    ``micro_batches`` batches of ``batch_size`` make one optimizer step (gradient accumulation).
+
+    The first ten parameters are the public signature (DESIGN.md) and may come by position; the
+    loaders themselves take keywords only."""
     index = index or scan_split(data_dir, "train")
     backend = resolve_backend(backend)
+    common = dict(recipe=recipe, batch_size=batch_size, image_size=image_size, device=device, seed=seed,
+                  shard_id=shard_id, num_shards=num_shards, micro_batches=micro_batches)
     if backend != "torchvision":
         from .dali import DaliTrainLoader
 
         # num_threads 0 means "no worker processes" to torchvision; DALI always needs a thread.
-        return DaliTrainLoader(index, recipe, batch_size, image_size, device, max(1, num_threads), seed, shard_id,
-                               num_shards, micro_batches, _DECODERS.get(backend))
-    return TorchTrainLoader(index, recipe, batch_size, image_size, device, num_threads, seed, shard_id, num_shards,
-                            micro_batches)
+        return DaliTrainLoader(index, num_threads=max(1, num_threads), decoder=_DECODERS.get(backend), **common)
+    return TorchTrainLoader(index, num_workers=num_threads, **common)
 
 
 def build_eval_loader(data_dir: str | os.PathLike, split: str, batch_size: int, image_size: int, backend: str,
                       device: torch.device | str, num_threads: int = 2, shard_id: int = 0, num_shards: int = 1,
-                      index: FolderIndex | None = None):
+                      *, index: FolderIndex | None = None):
     """Evaluation batches ``(images, labels)`` of ``data_dir/split`` in file order."""
     index = index or scan_split(data_dir, split)
     backend = resolve_backend(backend)
+    common = dict(batch_size=batch_size, image_size=image_size, device=device, shard_id=shard_id,
+                  num_shards=num_shards)
     if backend != "torchvision":
         from .dali import DaliEvalLoader
 
-        return DaliEvalLoader(index, batch_size, image_size, device, max(1, num_threads), shard_id, num_shards,
-                              _DECODERS.get(backend))
-    return TorchEvalLoader(index, batch_size, image_size, device, num_threads, shard_id, num_shards)
+        return DaliEvalLoader(index, num_threads=max(1, num_threads), decoder=_DECODERS.get(backend), **common)
+    return TorchEvalLoader(index, num_workers=num_threads, **common)
 
 
 def data_paths(backend: str, device: torch.device | str) -> list[str]:

@@ -4,8 +4,10 @@ One graph serves every recipe and both devices: ``mixed`` (nvJPEG) decoding and 
 the loader's device is CUDA, DALI's CPU backend otherwise or when asked for (``decoder="cpu"``, the
 fallback of a GPU whose ``mixed`` pipeline cannot run: its batches are then copied to the GPU). All
 randomness is drawn in Python (numpy, seeded per epoch and block of permutation slots, so not by
-rank) and fed to the graph next to the encoded files through one ``external_source``. That keeps
-the graph a pure function of its inputs, which buys:
+rank) and fed to the graph next to the encoded files through one ``external_source``, each draw
+under its own name (``ViewDraws``: the graph reads ``views.0.colour.M``, never "the seventh input"),
+so the graph and the drawing code cannot disagree on which array is which. That keeps the graph a
+pure function of its inputs, which buys:
 
 - exact torchvision sampling where it matters (RandomResizedCrop's ten attempts and fallback,
   ColorJitter's random order of its four operations, per-sample probabilities);
@@ -54,7 +56,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +107,84 @@ RECIPE_VIEWS: dict[str, tuple[ViewSpec, ...]] = {
     "mocov2": (_MOCO_VIEW, _MOCO_VIEW),
 }
 EVAL_VIEW = ViewSpec(None, cubic=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a batch draws, by name. The leaves are per-sample arrays (first axis the sample; one feed
+# input each) or lists where samples differ in shape. The same structures carry DataNodes inside the
+# graph (``_graph``), where each leaf is the external_source output of the same name.
+
+class ColourDraws(NamedTuple):
+    changed: Any  # [n] bool: jitter or greyscale drawn; the others keep the image as it is
+    M: Any  # [n, 3, 3] applied to the pixels
+    K: Any  # [n, 3, 3] applied to the crop's mean colour
+
+
+class BlurDraws(NamedTuple):
+    applied: Any  # [n] bool
+    row: Any  # per sample a [1, taps] kernel
+    column: Any  # per sample a [taps, 1] kernel
+
+
+class ViewDraws(NamedTuple):
+    """One view's draws; a step the view's ViewSpec lacks is None (and has no graph input)."""
+
+    roi_start: Any  # [n, 2] (y, x) crop corner, relative to the decode window
+    roi_end: Any  # [n, 2]; x before roi_start's for a flipped sample
+    colour: ColourDraws | None = None
+    blur: BlurDraws | None = None
+    solarize: Any = None  # [n] bool
+
+
+class BatchDraws(NamedTuple):
+    window_start: Any  # [n, 2] int32: the decode window (``batch_draws``)
+    window_shape: Any  # [n, 2] int32
+    views: tuple[ViewDraws, ...]
+
+
+FILE_INPUTS = ("encoded", "labels")  # the graph's inputs besides the draws, first
+
+
+def draw_leaves(draws: NamedTuple, prefix: str = "") -> dict[str, Any]:
+    """``name -> leaf`` of a draws structure, named by the fields' path (``views.1.colour.K``)."""
+    leaves: dict[str, Any] = {}
+    for name, value in zip(draws._fields, draws):
+        key = prefix + name
+        if value is None:
+            continue
+        if hasattr(value, "_fields"):
+            leaves.update(draw_leaves(value, key + "."))
+        elif name == "views":
+            for i, view in enumerate(value):
+                leaves.update(draw_leaves(view, f"{key}.{i}."))
+        else:
+            leaves[key] = value
+    return leaves
+
+
+def with_leaves(template: NamedTuple, leaves: dict[str, Any], prefix: str = "") -> NamedTuple:
+    """``template`` with each leaf replaced by ``leaves[its name]``: a KeyError names a missing one."""
+    changes = {}
+    for name, value in zip(template._fields, template):
+        key = prefix + name
+        if value is None:
+            continue
+        if hasattr(value, "_fields"):
+            changes[name] = with_leaves(value, leaves, key + ".")
+        elif name == "views":
+            changes[name] = tuple(with_leaves(view, leaves, f"{key}.{i}.") for i, view in enumerate(value))
+        else:
+            changes[name] = leaves[key]
+    return template._replace(**changes)
+
+
+def feed_order(names: Sequence[str], inputs: dict[str, Any]) -> tuple:
+    """``inputs`` as the tuple of the graph's external_source outputs ``names``. Any name present on
+    one side only raises: a drawing function and a graph that disagree fail at the first batch."""
+    if set(inputs) != set(names):
+        missing, extra = sorted(set(names) - set(inputs)), sorted(set(inputs) - set(names))
+        raise ValueError(f"the batch's inputs do not match the DALI graph's: missing {missing}, unexpected {extra}")
+    return tuple(inputs[name] for name in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +268,7 @@ def colour_transform(order: Sequence[int], factors: Sequence[float], grey: bool)
     return A, U
 
 
-def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> ColourDraws:
     """Per-sample (changed [n], M [n, 3, 3], K [n, 3, 3]) of ``colour_transform`` drawn as
     RandomApply(ColorJitter) + RandomGrayscale draw them; ``changed`` is False where both were skipped."""
     b, c, s, h = spec.jitter
@@ -201,7 +281,7 @@ def colour_transforms(n: int, spec: ViewSpec, rng: np.random.Generator) -> tuple
     changed = jitter | grey
     for i in np.flatnonzero(changed):
         M[i], K[i] = colour_transform(orders[i] if jitter[i] else (), factors[i], grey[i])
-    return changed, M.astype(np.float32), K.astype(np.float32)
+    return ColourDraws(changed=changed, M=M.astype(np.float32), K=K.astype(np.float32))
 
 
 def gaussian_kernels(sigma: np.ndarray, size: int) -> np.ndarray:
@@ -219,9 +299,8 @@ def trim_kernel(kernel: np.ndarray, sigma: float) -> np.ndarray:
     return kernel[centre - radius:centre + radius + 1]
 
 
-def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> list:
-    """The per-sample inputs of one view, in the order ``_graph`` consumes them: arrays whose first
-    axis is the sample (one feed call per input), or lists where samples differ in shape."""
+def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.random.Generator | None) -> ViewDraws:
+    """One view's draws for images of ``sizes``, its crop box in image coordinates."""
     n = len(sizes)
     if spec.crop_scale is None:
         start, end = centre_crop_boxes(sizes, image_size)
@@ -231,35 +310,42 @@ def view_params(spec: ViewSpec, sizes: np.ndarray, image_size: int, rng: np.rand
         # A box whose x end lies before its start makes fn.resize mirror the crop: the flip costs nothing.
         mirror = rng.random(n) < 0.5
         start[mirror, 1], end[mirror, 1] = end[mirror, 1], start[mirror, 1].copy()
-    params = [start.astype(np.float32), end.astype(np.float32)]
-    if spec.colour:
-        params += list(colour_transforms(n, spec, rng))
+    colour = colour_transforms(n, spec, rng) if spec.colour else None
+    blur = None
     if spec.blur_p:
         sigma = rng.uniform(0.1, 2.0, n)
         taps = [trim_kernel(k, s) for k, s in zip(gaussian_kernels(sigma, blur_kernel_size(image_size)), sigma)]
-        params += [rng.random(n) < spec.blur_p, [k[None, :] for k in taps], [k[:, None] for k in taps]]
-    if spec.solarize_p:
-        params.append(rng.random(n) < spec.solarize_p)
-    return params
+        blur = BlurDraws(applied=rng.random(n) < spec.blur_p, row=[k[None, :] for k in taps],
+                         column=[k[:, None] for k in taps])
+    solarize = rng.random(n) < spec.solarize_p if spec.solarize_p else None
+    return ViewDraws(roi_start=start.astype(np.float32), roi_end=end.astype(np.float32), colour=colour, blur=blur,
+                     solarize=solarize)
 
 
-def batch_params(views: Sequence[ViewSpec], sizes: np.ndarray, image_size: int,
-                 rng: np.random.Generator | None) -> list:
-    """Everything ``_graph`` consumes after the files and labels: the decode window (the smallest
+def batch_draws(views: Sequence[ViewSpec], sizes: np.ndarray, image_size: int,
+                rng: np.random.Generator | None) -> BatchDraws:
+    """Everything ``_graph`` consumes besides the files and labels: the decode window (the smallest
     pixel-aligned box holding every view's crop, so the JPEG decoder skips what no view uses), then
     each view's ``view_params`` with its crop box relative to that window."""
     per_view = [view_params(spec, sizes, image_size, rng) for spec in views]
-    corners = [corner for p in per_view for corner in p[:2]]
+    corners = [corner for view in per_view for corner in (view.roi_start, view.roi_end)]
     lo = np.maximum(np.floor(np.min(corners, axis=0)), 0)
     hi = np.minimum(np.ceil(np.max(corners, axis=0)), sizes)
     offset = lo.astype(np.float32)
-    for p in per_view:
-        p[0], p[1] = p[0] - offset, p[1] - offset
-    return [lo.astype(np.int32), (hi - lo).astype(np.int32), *(x for p in per_view for x in p)]
+    relative = tuple(view._replace(roi_start=view.roi_start - offset, roi_end=view.roi_end - offset)
+                     for view in per_view)
+    return BatchDraws(window_start=lo.astype(np.int32), window_shape=(hi - lo).astype(np.int32), views=relative)
 
 
-def _num_params(spec: ViewSpec) -> int:
-    return 2 + 3 * spec.colour + 3 * bool(spec.blur_p) + bool(spec.solarize_p)
+def draws_template(views: Sequence[ViewSpec], image_size: int) -> BatchDraws:
+    """The draws of one dummy sample: which leaves a batch of ``views`` has, read off the drawing code
+    itself, so that the graph's inputs are named after exactly what ``batch_draws`` returns."""
+    return batch_draws(views, np.array([[image_size, image_size]]), image_size, np.random.default_rng(0))
+
+
+def graph_input_names(views: Sequence[ViewSpec], image_size: int) -> tuple[str, ...]:
+    """The names of the graph's external_source outputs, in their order."""
+    return (*FILE_INPUTS, *draw_leaves(draws_template(views, image_size)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,33 +353,31 @@ def _num_params(spec: ViewSpec) -> int:
 
 @pipeline_def(enable_conditionals=True)
 def _graph(feed: Callable, views: tuple[ViewSpec, ...], image_size: int, decoder_device: str):
-    inputs = fn.external_source(source=feed, num_outputs=4 + sum(_num_params(v) for v in views), batch=True)
-    encoded, labels, window_start, window_shape, params = *inputs[:4], iter(inputs[4:])
+    names = graph_input_names(views, image_size)
+    inputs = dict(zip(names, fn.external_source(source=feed, num_outputs=len(names), batch=True)))
+    draws = with_leaves(draws_template(views, image_size), inputs)
     # Fancy (smooth) chroma upsampling as libjpeg-turbo and so PIL do it; nvJPEG's default differs.
-    images = fn.decoders.image_slice(encoded, start=window_start, shape=window_shape, axis_names="HW",
-                                     device=decoder_device, output_type=types.RGB, adjust_orientation=False,
-                                     jpeg_fancy_upsampling=True)
+    images = fn.decoders.image_slice(inputs["encoded"], start=draws.window_start, shape=draws.window_shape,
+                                     axis_names="HW", device=decoder_device, output_type=types.RGB,
+                                     adjust_orientation=False, jpeg_fancy_upsampling=True)
     outputs = []
-    for spec in views:
-        roi_start, roi_end = next(params), next(params)
-        x = fn.resize(images, size=[image_size, image_size], roi_start=roi_start, roi_end=roi_end,
+    for spec, view in zip(views, draws.views):
+        x = fn.resize(images, size=[image_size, image_size], roi_start=view.roi_start, roi_end=view.roi_end,
                       interp_type=types.INTERP_CUBIC if spec.cubic else types.INTERP_LINEAR, antialias=True)
-        if spec.colour:
-            changed, M, K = next(params), next(params), next(params)
-            if changed:
-                x = recolour(x, M, K, "cpu" if decoder_device == "cpu" else "gpu")
-        if spec.blur_p:
-            blur, row, column = next(params), next(params), next(params)
-            if blur:
-                x = fn.filter(fn.filter(x, row, border="reflect_101"), column, border="reflect_101")
-        if spec.solarize_p:
-            solarize = next(params)
-            if solarize:
+        if view.colour is not None:
+            if view.colour.changed:
+                x = recolour(x, view.colour.M, view.colour.K, "cpu" if decoder_device == "cpu" else "gpu")
+        if view.blur is not None:
+            if view.blur.applied:
+                x = fn.filter(fn.filter(x, view.blur.row, border="reflect_101"), view.blur.column,
+                              border="reflect_101")
+        if view.solarize is not None:
+            if view.solarize:
                 x = fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZED, dtype=types.UINT8)
         outputs.append(fn.crop_mirror_normalize(
             x, dtype=types.FLOAT, output_layout="CHW",
             mean=[255 * v for v in IMAGENET_MEAN], std=[255 * v for v in IMAGENET_STD]))
-    return (*outputs, labels)
+    return (*outputs, inputs["labels"])
 
 
 def _decode_error(data: np.ndarray) -> str | None:
@@ -322,10 +406,11 @@ class _Runner:
     the torchvision loader does, rebuilds the pipeline and resumes at the failed step.
     """
 
-    def __init__(self, index: FolderIndex, views: tuple[ViewSpec, ...], batch_size: int, image_size: int,
+    def __init__(self, index: FolderIndex, *, views: tuple[ViewSpec, ...], batch_size: int, image_size: int,
                  device: torch.device | str, num_threads: int, decoder: str | None = None):
         self.index = index
         self.views = views
+        self.input_names = graph_input_names(views, image_size)
         self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
         self.device = torch.device(device)
         self.decoder = decoder or ("mixed" if self.device.type == "cuda" else "cpu")
@@ -375,11 +460,12 @@ class _Runner:
             except (OSError, ValueError) as exc:  # the file changed since it was indexed
                 self._skip(i, f"cannot read it: {type(exc).__name__}: {exc}")
 
-    def _batch(self, step: int, indices: Sequence[int], params: Callable[[int, np.ndarray], list]) -> tuple:
+    def _batch(self, step: int, indices: Sequence[int], draws: Callable[[int, np.ndarray], BatchDraws]) -> tuple:
         indices, encoded = zip(*(self._read(i) for i in indices))
         labels = np.array([self.index.samples[i][1] for i in indices], dtype=np.int64)
         sizes = np.array([self._sizes[i] for i in indices])
-        return (list(encoded), labels, *params(step, sizes))
+        inputs = {"encoded": list(encoded), "labels": labels, **draw_leaves(draws(step, sizes))}
+        return feed_order(self.input_names, inputs)
 
     def _find_bad(self, batches: Sequence[Sequence[int]]) -> bool:
         """Probe the files of ``batches`` one by one with DALI's CPU decoder; skip those it rejects."""
@@ -408,7 +494,7 @@ class _Runner:
             views.append(view)
         return views + [labels]
 
-    def run(self, batches: Sequence[Sequence[int]], params: Callable[[int, np.ndarray], list],
+    def run(self, batches: Sequence[Sequence[int]], draws: Callable[[int, np.ndarray], BatchDraws],
             start: int = 0) -> Iterator[list[torch.Tensor]]:
         """One epoch from batch ``start`` on: the outputs of ``batches`` (lists of sample indices) in order.
 
@@ -418,7 +504,7 @@ class _Runner:
         pipe, self._idle = self._idle, None
         done = start
         while True:
-            self._pending = (self._batch(s, batches[s], params) for s in range(done, len(batches)))
+            self._pending = (self._batch(s, batches[s], draws) for s in range(done, len(batches)))
             pipe = pipe or self._build()
             try:
                 while True:
@@ -435,11 +521,11 @@ class _Runner:
                 if not self._find_bad(batches[done: done + _PREFETCH + 1]):
                     raise
 
-    def check(self, batch: Sequence[int], params: Callable[[int, np.ndarray], list]) -> None:
+    def check(self, batch: Sequence[int], draws: Callable[[int, np.ndarray], BatchDraws]) -> None:
         """Build the pipeline and run ``batch`` through it as a one-batch epoch, which leaves the pipeline
         idle for the first real epoch: a graph that cannot run here (no nvJPEG, a GPU or driver DALI does
         not support) fails now, before the model is built, and costs no second build when it works."""
-        for _ in self.run([batch], params):
+        for _ in self.run([batch], draws):
             pass
 
 
@@ -451,15 +537,17 @@ class DaliTrainLoader(ShardedEpochs):
     on a fresh loader reproduces epoch e.
     """
 
-    def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device | str,
-                 num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1,
-                 decoder: str | None = None):
+    def __init__(self, index: FolderIndex, *, recipe: str, batch_size: int, image_size: int,
+                 device: torch.device | str, num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1,
+                 micro_batches: int = 1, decoder: str | None = None):
         if recipe not in RECIPE_VIEWS:
             raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {tuple(RECIPE_VIEWS)}")
-        super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
+        super().__init__(index, batch_size=batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards,
+                         micro_batches=micro_batches)
         self.views = RECIPE_VIEWS[recipe]
         self.image_size = image_size
-        self._runner = _Runner(index, self.views, batch_size, image_size, device, num_threads, decoder)
+        self._runner = _Runner(index, views=self.views, batch_size=batch_size, image_size=image_size, device=device,
+                               num_threads=num_threads, decoder=decoder)
 
     def define(self, device_id: int | None):
         """The pipeline, defined but not built (``_Runner.define``): with ``device_id=None`` the GPU graph's
@@ -470,8 +558,8 @@ class DaliTrainLoader(ShardedEpochs):
         """One batch of the current epoch's first samples through the pipeline (``_Runner.check``)."""
         seed = self.epoch_seed()
         self._runner.check(self.epoch_indices()[:self.batch_size],
-                           lambda step, sizes: batch_params(self.views, sizes, self.image_size,
-                                                            np.random.default_rng([seed, step])))
+                           lambda step, sizes: batch_draws(self.views, sizes, self.image_size,
+                                                           np.random.default_rng([seed, step])))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices, slots = self.epoch_indices(), self.epoch_slots()
@@ -479,12 +567,12 @@ class DaliTrainLoader(ShardedEpochs):
         # DALI asks for batches ahead of time: the epoch's seed is fixed here, not read at feed time.
         seed = self.epoch_seed()
 
-        def params(step: int, sizes: np.ndarray) -> list:
+        def draws(step: int, sizes: np.ndarray) -> BatchDraws:
             # Drawn per block of batch_size slots: the same block gets the same draws on any number of ranks.
             rng = np.random.default_rng([seed, slots[step * self.batch_size] // self.batch_size])
-            return batch_params(self.views, sizes, self.image_size, rng)
+            return batch_draws(self.views, sizes, self.image_size, rng)
 
-        for view1, view2, labels in self._runner.run(batches, params, self.start_step):
+        for view1, view2, labels in self._runner.run(batches, draws, self.start_step):
             yield view1, view2, labels
 
 
@@ -492,7 +580,7 @@ class DaliEvalLoader:
     """Evaluation batches ``(images, labels)`` of samples ``shard_id::num_shards`` in file order, the
     last batch possibly smaller: Resize(int(S*8/7), bicubic) + CenterCrop(S) + ImageNet normalisation."""
 
-    def __init__(self, index: FolderIndex, batch_size: int, image_size: int, device: torch.device | str,
+    def __init__(self, index: FolderIndex, *, batch_size: int, image_size: int, device: torch.device | str,
                  num_threads: int, shard_id: int = 0, num_shards: int = 1, decoder: str | None = None):
         self.index = index
         self.classes = index.classes
@@ -501,18 +589,19 @@ class DaliEvalLoader:
         if not samples:
             raise DatasetError(f"{str(index.root)!r} has no image for shard {shard_id} of {num_shards}")
         self._batches = [samples[i: i + batch_size] for i in range(0, len(samples), batch_size)]
-        self._runner = _Runner(index, (EVAL_VIEW,), batch_size, image_size, device, num_threads, decoder)
+        self._runner = _Runner(index, views=(EVAL_VIEW,), batch_size=batch_size, image_size=image_size,
+                               device=device, num_threads=num_threads, decoder=decoder)
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def check(self) -> None:
         """The first batch through the pipeline (``_Runner.check``)."""
-        self._runner.check(self._batches[0], self._params)
+        self._runner.check(self._batches[0], self._draws)
 
-    def _params(self, step: int, sizes: np.ndarray) -> list:
-        return batch_params((EVAL_VIEW,), sizes, self.image_size, None)
+    def _draws(self, step: int, sizes: np.ndarray) -> BatchDraws:
+        return batch_draws((EVAL_VIEW,), sizes, self.image_size, None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._runner.run(self._batches, self._params):
+        for images, labels in self._runner.run(self._batches, self._draws):
             yield images, labels

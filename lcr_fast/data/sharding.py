@@ -50,7 +50,7 @@ class ShardedEpochs:
     run move between numbers of ranks and stay exact.
     """
 
-    def __init__(self, index: FolderIndex, batch_size: int, seed: int, shard_id: int, num_shards: int,
+    def __init__(self, index: FolderIndex, *, batch_size: int, seed: int, shard_id: int, num_shards: int,
                  micro_batches: int = 1):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is outside [0, {num_shards})")

@@ -72,9 +72,11 @@ class TorchTrainLoader(ShardedEpochs):
     seed and slot, so ``set_epoch(e, s)`` after a restart reproduces epoch e from micro-batch s exactly.
     """
 
-    def __init__(self, index: FolderIndex, recipe: str, batch_size: int, image_size: int, device: torch.device,
-                 num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1, micro_batches: int = 1):
-        super().__init__(index, batch_size, seed, shard_id, num_shards, micro_batches)
+    def __init__(self, index: FolderIndex, *, recipe: str, batch_size: int, image_size: int,
+                 device: torch.device | str, num_workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
+                 micro_batches: int = 1):
+        super().__init__(index, batch_size=batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards,
+                         micro_batches=micro_batches)
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.dataset = FolderDataset(index, _TwoViews(*two_view_transforms(recipe, image_size)))
@@ -103,8 +105,8 @@ class TorchTrainLoader(ShardedEpochs):
 class TorchEvalLoader:
     """Single-view evaluation batches ``(images, labels)`` in file order (no shuffling, no drop)."""
 
-    def __init__(self, index: FolderIndex, batch_size: int, image_size: int, device: torch.device, num_workers: int,
-                 shard_id: int = 0, num_shards: int = 1, transform: Callable | None = None):
+    def __init__(self, index: FolderIndex, *, batch_size: int, image_size: int, device: torch.device | str,
+                 num_workers: int, shard_id: int = 0, num_shards: int = 1, transform: Callable | None = None):
         self.index = index
         self.classes = index.classes
         self.device = torch.device(device)

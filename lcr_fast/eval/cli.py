@@ -281,7 +281,8 @@ def _linear_reference(job: _Job, batch_size: int, seed: int, hyper: dict) -> dic
     train_loader = DataLoader(FolderDataset(job.train_index, train_tf), batch_size=batch_size, shuffle=True,
                               num_workers=workers, pin_memory=device.type == "cuda", generator=generator,
                               persistent_workers=workers > 0)
-    test_loader = TorchEvalLoader(job.test_index, batch_size, job.image_size, device, workers, transform=test_tf)
+    test_loader = TorchEvalLoader(job.test_index, batch_size=batch_size, image_size=job.image_size, device=device,
+                                  num_workers=workers, transform=test_tf)
 
     def extract(images):
         with job.amp:

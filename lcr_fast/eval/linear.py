@@ -177,7 +177,8 @@ def linear_eval_lcr(model: nn.Module, train_index: FolderIndex, test_index: Fold
     train_loader = DataLoader(FolderDataset(train_index, linear_train_transform(size)), batch_size=ev.batch_size,
                               shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
                               generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
-    test_loader = TorchEvalLoader(test_index, ev.batch_size, size, device, workers)
+    test_loader = TorchEvalLoader(test_index, batch_size=ev.batch_size, image_size=size, device=device,
+                                  num_workers=workers)
     schedule = WarmupCosineSchedule(cfg, len(train_loader), section="eval")
 
     def features(images: Tensor) -> Tensor:
