@@ -29,7 +29,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lcr_fast.kernels import infonce_queue  # noqa: E402
+from lcr_fast.kernels import BACKEND, infonce_queue  # noqa: E402
 
 K, D, T = 65536, 256, 0.2
 PRECISIONS = ("fp32", "tf32x3", "tf32", "bf16")
@@ -71,7 +71,7 @@ def emulated(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, precision: s
 
 
 def kernel(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> dict:
-    os.environ["LCR_KERNELS"] = "triton"
+    BACKEND.select("triton")
     q = q.clone().requires_grad_(True)
     loss = infonce_queue(q, k, queue, T)
     (dq,) = torch.autograd.grad(loss, q)

@@ -106,7 +106,9 @@ def main() -> int:
         return 0
     from triton.testing import do_bench
 
-    os.environ["LCR_KERNELS"] = "triton"
+    from lcr_fast.kernels import BACKEND
+
+    BACKEND.select("triton")
     dtype, dev = getattr(torch, args.dtype), "cuda"
     rows = []
     header = (f"{'op/shape':24s} {'mode':8s} {'eager ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'GB/s':>7s} "

@@ -1,15 +1,18 @@
-"""Choose between a Triton kernel and its plain-torch reference, per call.
+"""Choose between a Triton kernel and its plain-torch reference, per call, as the process's
+``KernelBackend`` (``BACKEND``) says.
 
-``LCR_KERNELS`` is read at every call (not at import) so that tests and users can switch backends
-without re-importing: ``auto`` (Triton for CUDA tensors, torch otherwise), ``triton`` or ``torch``.
-One op's Triton path can also be switched off for the process (``disable``): the start-up self-check
-(``lcr_fast.selfcheck``) does so for an op whose kernel fails or disagrees with its reference here.
+Its mode is chosen once: ``LCR_KERNELS`` (auto|triton|torch; read when this module is first imported,
+the user's override of ``kernels.backend``), then ``select`` at the trainer's start-up with the
+config's value where the variable is unset (``requested_mode``). ``auto`` is Triton for CUDA tensors
+and torch otherwise. The start-up self-check (``lcr_fast.selfcheck``) switches off, on the same
+object, the Triton path of an op whose kernel fails or disagrees with its reference here. Tests and
+tools change either for a block with ``BACKEND.using``.
 """
 import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -40,6 +43,7 @@ except ImportError:
     triton = tl = _Absent()
 
 MODES = ("auto", "triton", "torch")
+ENV_VAR = "LCR_KERNELS"
 
 
 @dataclass
@@ -51,54 +55,90 @@ class GPUPlan:
 
 
 _PLAN: contextvars.ContextVar[GPUPlan | None] = contextvars.ContextVar("gpu_plan", default=None)
-_DISABLED: dict[str, str] = {}  # op -> why its Triton path is off in this process
 
 
-def kernel_mode() -> str:
-    mode = os.environ.get("LCR_KERNELS", "auto").strip().lower()
+def _valid_mode(mode: str, source: str) -> str:
+    mode = mode.strip().lower()
     if mode not in MODES:
-        raise ValueError(f"LCR_KERNELS={mode!r} is not valid; use one of {', '.join(MODES)}")
+        raise ValueError(f"{source}={mode!r} is not valid; use one of {', '.join(MODES)}")
     return mode
 
 
-def disable(op: str, reason: str) -> None:
-    """From now on in this process, ``op`` takes its torch path (``reason`` says why)."""
-    _DISABLED[op] = reason
+def requested_mode(configured: str = "auto", environ: Mapping[str, str] = os.environ) -> str:
+    """The mode asked for: ``LCR_KERNELS`` when it is set (it overrides the config), else ``configured``."""
+    if environ.get(ENV_VAR):
+        return _valid_mode(environ[ENV_VAR], ENV_VAR)
+    return _valid_mode(configured, "kernels.backend")
 
 
-def enable_all() -> None:
-    """Every op may take its Triton path again (the self-check re-decides each op from scratch)."""
-    _DISABLED.clear()
+class KernelBackend:
+    """Which path each op takes: a mode, and the ops whose Triton path is switched off (with why)."""
+
+    def __init__(self, mode: str = "auto"):
+        self.mode = _valid_mode(mode, "kernels.backend")
+        self._disabled: dict[str, str] = {}
+
+    def select(self, mode: str) -> None:
+        self.mode = _valid_mode(mode, "kernels.backend")
+
+    def disable(self, op: str, reason: str) -> None:
+        """From now on, ``op`` takes its torch path (``reason`` says why)."""
+        self._disabled[op] = reason
+
+    def enable_all(self) -> None:
+        """Every op may take its Triton path again (the self-check re-decides each op from scratch)."""
+        self._disabled.clear()
+
+    def disabled(self) -> dict[str, str]:
+        """The ops switched off by ``disable``, with the reason of each."""
+        return dict(self._disabled)
+
+    @contextlib.contextmanager
+    def using(self, mode: str | None = None) -> Iterator["KernelBackend"]:
+        """Within the block, ``mode`` (if given); afterwards the mode and the disabled ops as they were."""
+        saved = self.mode, dict(self._disabled)
+        if mode is not None:
+            self.select(mode)
+        try:
+            yield self
+        finally:
+            self.mode, self._disabled = saved
+
+    def use_triton(self, x: torch.Tensor, op: str | None = None) -> bool:
+        """True when ``op`` on tensor ``x`` should run the Triton kernel."""
+        # Ahead-of-time recording (planning_for_gpu) wants every kernel's launches, whatever failed here.
+        if self.mode == "torch" or (op in self._disabled and _PLAN.get() is None):
+            return False
+        if self.mode == "auto":
+            return HAS_TRITON and x.is_cuda
+        if not HAS_TRITON:
+            raise RuntimeError("LCR_KERNELS=triton but triton cannot be imported")
+        if not x.is_cuda and not INTERPRETED and _PLAN.get() is None:
+            raise RuntimeError(
+                "LCR_KERNELS=triton was given a CPU tensor: Triton runs on CPU only in its interpreter, "
+                "which needs TRITON_INTERPRET=1 in the environment before triton is first imported"
+            )
+        return True
 
 
-def disabled() -> dict[str, str]:
-    """The ops switched off by ``disable``, with the reason of each."""
-    return dict(_DISABLED)
+BACKEND = KernelBackend(requested_mode())
+
+
+def kernel_mode() -> str:
+    """The process's mode (``BACKEND.mode``)."""
+    return BACKEND.mode
 
 
 def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
-    """True when ``op`` on tensor ``x`` should run the Triton kernel."""
-    mode = kernel_mode()
-    # Ahead-of-time recording (planning_for_gpu) wants every kernel's launches, whatever failed here.
-    if mode == "torch" or (op in _DISABLED and _PLAN.get() is None):
-        return False
-    if mode == "auto":
-        return HAS_TRITON and x.is_cuda
-    if not HAS_TRITON:
-        raise RuntimeError("LCR_KERNELS=triton but triton cannot be imported")
-    if not x.is_cuda and not INTERPRETED and _PLAN.get() is None:
-        raise RuntimeError(
-            "LCR_KERNELS=triton was given a CPU tensor: Triton runs on CPU only in its interpreter, "
-            "which needs TRITON_INTERPRET=1 in the environment before triton is first imported"
-        )
-    return True
+    """``BACKEND.use_triton``: what every op asks before it launches."""
+    return BACKEND.use_triton(x, op)
 
 
 @contextlib.contextmanager
 def planning_for_gpu(sm_count: int) -> Iterator[GPUPlan]:
     """Within the block, launches are planned as on a GPU with ``sm_count`` SMs, CPU tensors' too.
 
-    For ahead-of-time compile checks (``kernels.aot``), which record a GPU's launches on a machine
+    For ahead-of-time compile checks (``lcr_fast.aot``), which record a GPU's launches on a machine
     without one and intercept them: a kernel that ran so would lack the interpreter's workarounds.
     """
     token = _PLAN.set(GPUPlan(int(sm_count)))

@@ -14,7 +14,7 @@ It reports versions (Python, torch and its CUDA, Triton, DALI, DeepSpeed, Numba,
 - kernels (required): on a GPU, the trainer's start-up self-check (``lcr_fast.selfcheck``) launches
   each Triton op and compares it with its torch reference; an op that fails there falls back to its
   reference, which passes ("fallback"), but an error in the check itself fails. Without a GPU the
-  kernels are compiled ahead of time for sm_80 and sm_90 (``lcr_fast.kernels.aot``: one BYOL step at
+  kernels are compiled ahead of time for sm_80 and sm_90 (``lcr_fast.kernel_aot``: one BYOL step at
   batch 16, fp32, or with ``--full`` every workload of the paper); a compile error fails, and a
   machine without Triton runs the torch references ("fallback").
 - data (required): each data path builds and yields a batch from a few synthetic JPEGs in a
@@ -126,7 +126,7 @@ def check_nccl() -> Check:
 
 
 def _aot_kernels(full: bool) -> Check:
-    from lcr_fast.kernels import aot
+    from lcr_fast import kernel_aot as aot
 
     workloads = aot.PAPER_WORKLOADS if full else (aot.Workload("byol", "step", 16, "fp32", True, False),)
     scope = "every workload of the paper" if full else "one BYOL step, batch 16, fp32"

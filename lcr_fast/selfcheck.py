@@ -5,7 +5,8 @@ training, and a failure switches that one component to its slower path with one 
 
 - each Triton op (``lcr_fast.kernels``) runs on small inputs on the run's device and is compared
   with its torch reference, forward and backward (``rationale_pool``: forward only). An exception or
-  a mismatch switches that op to its reference for the process (``kernels.dispatch.disable``).
+  a mismatch switches that op to its reference on the backend the check is given (the process's
+  ``kernels.BACKEND``, ``KernelBackend.disable``).
   fp32 inputs, and the autocast dtype too when the run trains in bf16 or fp16 on a GPU. The first
   check of a kernel pays its Triton compile (seconds when Triton's cache is cold, milliseconds warm).
 - the data path: DALI ``mixed``, then DALI's CPU backend, then torchvision (``lcr_fast.data.checked_loader``).
@@ -136,9 +137,8 @@ def _check_case(case: OpCase, device: torch.device, dtype: torch.dtype, g: torch
     return None
 
 
-def _not_checked(device: torch.device) -> str | None:
-    """Why no op takes its Triton path on ``device`` (then nothing is checked), or None."""
-    mode = dispatch.kernel_mode()
+def _not_checked(device: torch.device, mode: str) -> str | None:
+    """Why no op takes its Triton path on ``device`` in ``mode`` (then nothing is checked), or None."""
     if mode == "torch":
         return "torch (LCR_KERNELS=torch)"
     if mode == "auto" and not dispatch.HAS_TRITON:
@@ -148,18 +148,18 @@ def _not_checked(device: torch.device) -> str | None:
     return None
 
 
-def check_kernels(device: torch.device | str, strict: bool = False,
-                  dtypes: Sequence[torch.dtype] = (torch.float32,)) -> dict[str, str]:
+def check_kernels(device: torch.device | str, strict: bool = False, dtypes: Sequence[torch.dtype] = (torch.float32,),
+                  backend: dispatch.KernelBackend = dispatch.BACKEND) -> dict[str, str]:
     """``op -> path`` for every Triton op: "triton" (or "triton (interpreter)"), or "torch (<why>)".
 
     Each op that would take its Triton path on ``device`` runs ``OP_CASES`` in each of ``dtypes``
-    against its reference; on an exception or a mismatch the op is disabled for the process with one
+    against its reference; on an exception or a mismatch the op is disabled on ``backend`` with one
     warning naming it and the error, or FallbackError is raised with ``strict``. Ops disabled by an
     earlier check are re-decided.
     """
     device = torch.device(device)
-    dispatch.enable_all()
-    skipped = _not_checked(device)
+    backend.enable_all()
+    skipped = _not_checked(device, backend.mode)
     if skipped:
         return {op: skipped for op in OP_CASES}
     g = torch.Generator().manual_seed(0)
@@ -176,7 +176,7 @@ def check_kernels(device: torch.device | str, strict: bool = False,
         if strict:
             raise FallbackError(f"kernel {op}: its Triton path failed the start-up check ({problem}); engine.strict "
                                 "or kernels.backend=triton forbids falling back to its torch reference") from None
-        dispatch.disable(op, problem)
+        backend.disable(op, problem)
         warnings.warn(f"kernel {op}: its Triton path failed the start-up check ({problem}); "
                       "using its torch reference instead")
         paths[op] = f"torch (fallback: {problem})"
@@ -257,9 +257,9 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def start_checks(cfg: Config, device: torch.device) -> Components:
-    """Precision and kernels, the checks that need the device alone (the data path and the compiled
-    trunks are checked where the loaders and the model are built)."""
+def start_checks(cfg: Config, device: torch.device, backend: dispatch.KernelBackend = dispatch.BACKEND) -> Components:
+    """Precision and kernels (on ``backend``, whose mode the trainer has chosen), the checks that need the
+    device alone (the data path and the compiled trunks are checked where the loaders and the model are built)."""
     strict = cfg.engine.strict
     choice = eng.choose_precision(cfg.engine.precision, device, strict)
     precision = choice.precision
@@ -268,6 +268,6 @@ def start_checks(cfg: Config, device: torch.device) -> Components:
         dtypes.append(_AUTOCAST_DTYPES[precision])
     start = time.perf_counter()
     # Asking for Triton kernels by name (kernels.backend or LCR_KERNELS) is asking for no fallback.
-    kernels = check_kernels(device, strict or dispatch.kernel_mode() == "triton", dtypes)
+    kernels = check_kernels(device, strict or backend.mode == "triton", dtypes, backend)
     return Components(describe_device(device), strict, precision, choice.reason, kernels,
                       time.perf_counter() - start)

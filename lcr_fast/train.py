@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from lcr_fast import engine as eng
-from lcr_fast import run_info, selfcheck
+from lcr_fast import kernels, run_info, selfcheck
 from lcr_fast.checkpoint import (check_checkpoint_file, check_writable, load_training_checkpoint, run_lock,
                                  save_training_checkpoint, set_rng_state)
 from lcr_fast.compat import export_reference_checkpoint, load_state_strict
@@ -178,7 +178,8 @@ def seed_process(seed: int) -> None:
 
 def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     """Join the process group, then what needs the device: its checks, the precision and the seeds."""
-    os.environ.setdefault("LCR_KERNELS", cfg.kernels.backend)
+    # Chosen once for the process: LCR_KERNELS, the user's override, else kernels.backend.
+    kernels.BACKEND.select(kernels.requested_mode(cfg.kernels.backend))
     launch = eng.resolve_launch(args.local_rank)
     # Every rank says what it was told before it joins: a group that never forms leaves that trace.
     print(launch.describe(), flush=True)

@@ -31,9 +31,12 @@ def one_thread():
 
 
 @pytest.fixture
-def triton_kernels(monkeypatch):
+def triton_kernels():
     """Dispatch every kernel call to Triton (on CPU tensors: its interpreter) rather than to torch."""
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+    from lcr_fast.kernels import BACKEND
+
+    with BACKEND.using("triton"):
+        yield
 
 
 @pytest.fixture(scope="module")

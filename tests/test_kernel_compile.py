@@ -4,7 +4,7 @@ The interpreter tests run code that the compiler may refuse; here the launches o
 training steps and of ``model.extract`` (224 px, batch 128 and 16 per GPU, fp32 and bf16 autocast,
 both memory formats, reference and corrected modes) are recorded
 from the ops' own launchers and compiled with Triton's compiler and the wheel's ptxas, with no GPU
-(lcr_fast.kernels.aot).
+(lcr_fast.kernel_aot).
 """
 import ast
 import inspect
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import broken_kernel
-from lcr_fast.kernels import aot, dispatch
+from lcr_fast import kernel_aot as aot
+from lcr_fast.kernels import dispatch
 
 # Cold (256 compiles) the module takes about a minute on two shared cores; with Triton's cache warm, 20 s.
 pytestmark = pytest.mark.slow

@@ -1,5 +1,9 @@
-"""LCR_KERNELS dispatch: read per call, validated, auto keeps CPU tensors on the torch reference."""
+"""Kernel dispatch: the mode is chosen once (LCR_KERNELS over kernels.backend) and held by the process's
+KernelBackend, validated; auto keeps CPU tensors on the torch reference."""
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,44 +14,67 @@ from lcr_fast.kernels import dispatch
 gradcam_module = importlib.import_module("lcr_fast.kernels.gradcam")  # the package re-exports the function
 
 
-def test_bad_value_names_the_valid_ones(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "cuda")
+def test_bad_value_names_the_valid_ones():
+    before = dispatch.BACKEND.mode
+    with pytest.raises(ValueError, match=r"LCR_KERNELS='cuda' is not valid; use one of auto, triton, torch"):
+        dispatch.requested_mode("auto", {"LCR_KERNELS": "cuda"})
+    with pytest.raises(ValueError, match=r"kernels.backend='cuda' is not valid; use one of auto, triton, torch"):
+        dispatch.requested_mode("cuda", {})
     with pytest.raises(ValueError, match="auto, triton, torch"):
-        K.gradcam(torch.ones(1, 2, 2, 2), torch.ones(1, 2, 2, 2))
+        dispatch.BACKEND.select("cuda")
+    assert dispatch.BACKEND.mode == before  # a refused mode leaves the backend as it was
+
+
+def test_the_environment_variable_overrides_the_config():
+    assert dispatch.requested_mode("triton", {}) == "triton"
+    assert dispatch.requested_mode("triton", {"LCR_KERNELS": " Torch "}) == "torch"
+    assert dispatch.requested_mode("torch", {"LCR_KERNELS": ""}) == "torch"  # set but empty: not an override
 
 
 def test_auto_uses_torch_for_cpu_tensors(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "auto")
-
     def refuse(*args):
         raise AssertionError("auto launched Triton on a CPU tensor")
 
     monkeypatch.setattr(gradcam_module.GradCAMFunction, "apply", refuse)
     feat, grad = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
-    assert dispatch.use_triton(feat) is False
-    assert torch.equal(K.gradcam(feat, grad), K.gradcam_torch(feat, grad))
+    with dispatch.BACKEND.using("auto"):
+        assert dispatch.use_triton(feat) is False
+        assert torch.equal(K.gradcam(feat, grad), K.gradcam_torch(feat, grad))
 
 
-def test_mode_is_read_at_call_time(monkeypatch):
+def test_the_mode_is_the_backends_and_using_restores_it(monkeypatch):
     x = torch.randn(1, 2, 2, 2)
-    monkeypatch.setenv("LCR_KERNELS", "torch")
-    assert dispatch.use_triton(x) is False
-    monkeypatch.setenv("LCR_KERNELS", "triton")
-    assert dispatch.use_triton(x) is (dispatch.HAS_TRITON and (x.is_cuda or dispatch.INTERPRETED))
+    before = dispatch.BACKEND.mode
+    with dispatch.BACKEND.using("torch"):
+        assert dispatch.kernel_mode() == "torch" and dispatch.use_triton(x) is False
+        monkeypatch.setenv("LCR_KERNELS", "triton")  # read once at import, not per call
+        assert dispatch.use_triton(x) is False
+        with dispatch.BACKEND.using("triton"):
+            dispatch.BACKEND.disable("gradcam", "failed its check")
+            assert dispatch.use_triton(x) is (dispatch.HAS_TRITON and (x.is_cuda or dispatch.INTERPRETED))
+            assert dispatch.use_triton(x, op="gradcam") is False
+        assert dispatch.BACKEND.mode == "torch" and dispatch.BACKEND.disabled() == {}
+    assert dispatch.BACKEND.mode == before
+
+
+def test_a_fresh_process_takes_the_environment_variable():
+    code = "import lcr_fast.kernels as K; print(K.BACKEND.mode, K.kernel_mode())"
+    env = {**{k: v for k, v in os.environ.items() if k != "LCR_KERNELS"}, "LCR_KERNELS": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["torch", "torch"]
 
 
 def test_triton_on_cpu_without_interpreter_explains(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "HAS_TRITON", True)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with dispatch.BACKEND.using("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.use_triton(torch.ones(2))
 
 
 def test_auto_without_triton_uses_torch(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "auto")
     monkeypatch.setattr(dispatch, "HAS_TRITON", False)
-    assert dispatch.use_triton(torch.ones(2)) is False
-    monkeypatch.setenv("LCR_KERNELS", "triton")
-    with pytest.raises(RuntimeError, match="cannot be imported"):
+    with dispatch.BACKEND.using("auto"):
+        assert dispatch.use_triton(torch.ones(2)) is False
+    with dispatch.BACKEND.using("triton"), pytest.raises(RuntimeError, match="cannot be imported"):
         dispatch.use_triton(torch.ones(2))

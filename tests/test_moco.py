@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lcr_fast.compat import UNUSED, export_reference_checkpoint, load_reference_checkpoint, reference_state_dict
 from lcr_fast.config import ConfigError, check_queue_size, load_config
+from lcr_fast.kernels import BACKEND
 from lcr_fast.models import build_model
 from lcr_fast.models.moco import MoCo
 from lcr_fast.optim import CosineEpochSchedule, WarmupCosineSchedule, build_optimizer, build_schedule
@@ -276,18 +277,18 @@ def test_moco_configs_load_and_have_valid_queues(name):
         assert cfg.train.num_epochs == cfg.train.stop_at_epoch == 100 and cfg.data.recipe == "mocov2"
 
 
-def test_triton_step_equals_torch_step(monkeypatch):
+def test_triton_step_equals_torch_step():
     torch.manual_seed(0)
     model = build_model(moco_config()).train()
     twin = copy.deepcopy(model)
     x1, x2 = _views(seed=2, batch=3)
     results = []
     for mode, m in (("torch", model), ("triton", twin)):
-        monkeypatch.setenv("LCR_KERNELS", mode)
-        torch.manual_seed(1)
-        out = m(x1, x2)
-        params = [p for p in m.parameters() if p.requires_grad]
-        results.append((out, torch.autograd.grad(out["loss"], params)))
+        with BACKEND.using(mode):
+            torch.manual_seed(1)
+            out = m(x1, x2)
+            params = [p for p in m.parameters() if p.requires_grad]
+            results.append((out, torch.autograd.grad(out["loss"], params)))
     (expected, expected_grads), (got, got_grads) = results
     for key in ("loss", "ssl_loss", "rationale_loss", "gradcam", "attention"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -33,9 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread", "every_op_enabled")
 
 @pytest.fixture
 def every_op_enabled():
-    """A check disables ops for the whole process: put them back for the tests that follow."""
-    yield
-    dispatch.enable_all()
+    """A check disables ops on the process's backend, and tests choose its mode: put both back for the
+    tests that follow."""
+    with dispatch.BACKEND.using():
+        yield
 
 
 @pytest.fixture
@@ -62,36 +63,36 @@ def _caught(fn, *args, **kwargs):
 # ---- kernels ----
 
 @interpreted
-def test_every_triton_op_passes_its_check_in_the_interpreter(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+def test_every_triton_op_passes_its_check_in_the_interpreter():
+    dispatch.BACKEND.select("triton")
     paths, messages = _caught(selfcheck.check_kernels, "cpu")
     assert paths == {op: "triton (interpreter)" for op in
                      ("gradcam", "rationale_map", "rationale_kl", "infonce_queue", "byol_loss", "rationale_pool")}
-    assert messages == [] and dispatch.disabled() == {}
+    assert messages == [] and dispatch.BACKEND.disabled() == {}
 
 
-def test_without_cuda_nothing_is_checked_and_the_record_says_why(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "auto")
+def test_without_cuda_nothing_is_checked_and_the_record_says_why():
+    dispatch.BACKEND.select("auto")
     assert set(selfcheck.check_kernels("cpu").values()) == {"torch (no CUDA)"}
-    monkeypatch.setenv("LCR_KERNELS", "torch")
+    dispatch.BACKEND.select("torch")
     assert set(selfcheck.check_kernels("cpu").values()) == {"torch (LCR_KERNELS=torch)"}
 
 
-def test_a_disabled_op_takes_its_torch_path_but_stays_visible_to_ahead_of_time_recording(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+def test_a_disabled_op_takes_its_torch_path_but_stays_visible_to_ahead_of_time_recording():
+    dispatch.BACKEND.select("triton")
     x = torch.ones(2)
-    dispatch.disable("gradcam", "failed its check")
+    dispatch.BACKEND.disable("gradcam", "failed its check")
     assert dispatch.use_triton(x, op="gradcam") is False
-    assert dispatch.disabled() == {"gradcam": "failed its check"}
+    assert dispatch.BACKEND.disabled() == {"gradcam": "failed its check"}
     with dispatch.planning_for_gpu(132):
         assert dispatch.use_triton(x, op="gradcam") is True
-    dispatch.enable_all()
-    assert dispatch.disabled() == {}
+    dispatch.BACKEND.enable_all()
+    assert dispatch.BACKEND.disabled() == {}
 
 
 @interpreted
 def test_a_kernel_that_raises_falls_back_alone_with_one_warning(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+    dispatch.BACKEND.select("triton")
 
     def broken(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
@@ -103,25 +104,25 @@ def test_a_kernel_that_raises_falls_back_alone_with_one_warning(monkeypatch):
     assert {op for op, path in paths.items() if path != "triton (interpreter)"} == {"gradcam"}
     assert messages == ["kernel gradcam: its Triton path failed the start-up check (RuntimeError: no kernel image is "
                         "available for execution on the device); using its torch reference instead"]
-    # From now on the op takes its torch path, even though LCR_KERNELS=triton.
+    # From now on the op takes its torch path, even though the mode is triton.
     feat, grad = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
     assert torch.equal(selfcheck.K.gradcam(feat, grad), selfcheck.K.gradcam_torch(feat, grad))
-    assert set(dispatch.disabled()) == {"gradcam"}
+    assert set(dispatch.BACKEND.disabled()) == {"gradcam"}
 
 
 @interpreted
 def test_a_kernel_that_disagrees_with_its_reference_falls_back(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+    dispatch.BACKEND.select("triton")
     monkeypatch.setattr(pool_module, "_rationale_pool_triton", lambda feat, att: torch.zeros(feat.shape[:2]))
     paths, messages = _caught(selfcheck.check_kernels, "cpu", strict=False)
     assert paths["rationale_pool"].startswith("torch (fallback: forward: max error ")
     assert len(messages) == 1 and messages[0].startswith("kernel rationale_pool: its Triton path failed")
-    assert dispatch.disabled().keys() == {"rationale_pool"}
+    assert dispatch.BACKEND.disabled().keys() == {"rationale_pool"}
 
 
 @interpreted
 def test_a_wrong_gradient_is_caught_too(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+    dispatch.BACKEND.select("triton")
     real_backward = gradcam_module.GradCAMFunction.backward
     monkeypatch.setattr(gradcam_module.GradCAMFunction, "backward",
                         staticmethod(lambda ctx, dcam: (2 * real_backward(ctx, dcam)[0], None)))
@@ -131,11 +132,11 @@ def test_a_wrong_gradient_is_caught_too(monkeypatch):
 
 @interpreted
 def test_strict_mode_and_asking_for_triton_make_a_failing_kernel_an_error(monkeypatch):
-    monkeypatch.setenv("LCR_KERNELS", "triton")
+    dispatch.BACKEND.select("triton")
     monkeypatch.setattr(pool_module, "_rationale_pool_triton", lambda feat, att: torch.zeros(feat.shape[:2]))
     with pytest.raises(FallbackError, match="kernel rationale_pool: .* forbids falling back"):
         selfcheck.check_kernels("cpu", strict=True)
-    # kernels.backend=triton (here through LCR_KERNELS, which it sets) is strict without engine.strict.
+    # kernels.backend=triton (the mode the trainer then selects) is strict without engine.strict.
     with pytest.raises(FallbackError, match="kernel rationale_pool"):
         selfcheck.start_checks(tiny_config(), torch.device("cpu"))
 
@@ -316,7 +317,7 @@ def test_the_report_renders_the_components():
 
 @pytest.mark.slow
 def test_a_training_run_records_the_path_of_each_component(tmp_path, monkeypatch, group_env):
-    monkeypatch.setenv("LCR_KERNELS", "auto")  # what kernels.backend sets, undone after the test
+    monkeypatch.delenv("LCR_KERNELS", raising=False)  # the config's kernels.backend decides
     write_folder(tmp_path / "data", classes=2, per_class=4, size=40)
     cfg_path = config_file(tmp_path, train={"stop_at_epoch": 1, "num_epochs": 1, "warmup_epochs": 0},
                            engine={"deterministic": False}, logger={"tensorboard": False, "matplotlib": False})
@@ -339,7 +340,7 @@ def test_strict_mode_ends_the_cli_with_one_line_naming_the_failed_path(tmp_path,
         raise RuntimeError("nvJPEG is not supported on this GPU")
 
     monkeypatch.setattr(_Runner, "_build", no_pipeline)
-    monkeypatch.setenv("LCR_KERNELS", "auto")  # what kernels.backend sets, undone after the test
+    monkeypatch.delenv("LCR_KERNELS", raising=False)  # the config's kernels.backend decides
     write_folder(tmp_path / "data", classes=2, per_class=4, size=40)
     cfg_path = config_file(tmp_path, data={"backend": "dali"}, engine={"strict": True, "deterministic": False})
     args = ["-c", str(cfg_path), "--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "run"),

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from lcr_fast.kernels import BACKEND
 from lcr_fast.models import build_model
 
 from helpers import tiny_config
@@ -19,17 +20,17 @@ def _step(model, x1, x2):
     return out, dict(zip([n for n, p in model.named_parameters() if p.requires_grad], grads))
 
 
-def test_triton_step_equals_torch_step(monkeypatch):
+def test_triton_step_equals_torch_step():
     torch.manual_seed(0)
     model = build_model(tiny_config(model={"proj_hidden_dim": 48, "proj_dim": 24})).train()
     twin = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(3, 3, 48, 48, generator=g), torch.randn(3, 3, 48, 48, generator=g)
 
-    monkeypatch.setenv("LCR_KERNELS", "torch")
-    expected, expected_grads = _step(model, x1, x2)
-    monkeypatch.setenv("LCR_KERNELS", "triton")
-    got, got_grads = _step(twin, x1, x2)
+    with BACKEND.using("torch"):
+        expected, expected_grads = _step(model, x1, x2)
+    with BACKEND.using("triton"):
+        got, got_grads = _step(twin, x1, x2)
 
     for key in ("loss", "ssl_loss", "rationale_loss", "gradcam", "attention"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -1,5 +1,8 @@
 """Ahead-of-time compile checks: the kernels' real launches, compiled to cubin for GPUs that are not here.
 
+It lives beside the kernels package, not in it: recording runs the models, which the kernels must not
+know of.
+
 Triton's interpreter runs code that its compiler refuses (a ``break``, a device helper without
 ``@triton.jit``, ...), and it cannot tell whether a kernel fits in registers, so the interpreter
 tests prove nothing about the GPU build. Here:
@@ -33,11 +36,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Iterable, Iterator
-from unittest import mock
 
 import torch
 
-from . import dispatch
+from lcr_fast import kernels
+from lcr_fast.config import DEFAULTS, load_config
+from lcr_fast.engine import autocast
+from lcr_fast.kernels import dispatch
+from lcr_fast.models import build_model
+from lcr_fast.models.backbone import ResNetTrunk
 
 # The SM counts a launch plan fills per compile target: A100 (sm_80), H100 and H200 (sm_90).
 GPU_SMS = {80: 108, 90: 132}
@@ -80,9 +87,8 @@ class Compiled:
 
 
 def kernel_modules() -> list[ModuleType]:
-    """Every module of this package (the ops' files), imported."""
-    package = importlib.import_module(__package__)
-    return [importlib.import_module(f"{__package__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    """Every module of the kernels package (the ops' files), imported."""
+    return [importlib.import_module(f"{kernels.__name__}.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
 
 
 def jit_functions(modules: Iterable[ModuleType]) -> list[Any]:
@@ -220,10 +226,6 @@ class _Layer4StandIn(torch.nn.Module):
 def _paper_model(name: str, fixes: bool) -> torch.nn.Module:
     """The model on the meta device (no storage, so it costs nothing), its ResNet trunks replaced by
     stand-ins of the same output channels and stride; the heads, detector and kernel calls are its own."""
-    from lcr_fast.config import DEFAULTS, load_config
-    from lcr_fast.models import build_model
-    from lcr_fast.models.backbone import ResNetTrunk
-
     with torch.device("meta"):
         model = build_model(load_config(None, {"model": PAPER_MODELS[name],
                                                "fixes": {k: fixes for k in DEFAULTS["fixes"]}}))
@@ -253,8 +255,6 @@ def _materialise(model: torch.nn.Module, layout: torch.memory_format) -> None:
 def _run(model: torch.nn.Module, work: Workload) -> None:
     """What a training step does to the model (EMA, forward under autocast, backward of the objective), or
     what evaluation does per batch."""
-    from lcr_fast.engine import autocast
-
     layout = torch.channels_last if work.channels_last else torch.contiguous_format
     _materialise(model, layout)
     cpu = torch.device("cpu")
@@ -289,8 +289,7 @@ def record_workloads(workloads: Iterable[Workload] = PAPER_WORKLOADS,
     archs, workloads = list(archs), list(workloads)
     found: dict[int, dict[Launch, None]] = {arch: {} for arch in archs}
     models = {key: _paper_model(*key) for key in dict.fromkeys((w.model, w.fixes) for w in workloads)}
-    with FakeTensorMode(), mock.patch.dict(os.environ, {"LCR_KERNELS": "triton"}), \
-            recording(jit_functions(kernel_modules())) as launches:
+    with FakeTensorMode(), dispatch.BACKEND.using("triton"), recording(jit_functions(kernel_modules())) as launches:
         for work in workloads:
             for arch in archs:
                 start = len(launches)
