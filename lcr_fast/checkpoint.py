@@ -18,20 +18,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import UserError
 
-class UnsafeCheckpointError(RuntimeError):
+
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint that needs arbitrary code to unpickle."""
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(UserError, ValueError):
     """A file given as a checkpoint that is not one, or is damaged."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (unwritable folder, full disk); the previous one is intact."""
 
 
-class CheckpointLockError(RuntimeError):
+class CheckpointLockError(UserError, RuntimeError):
     """Another live run writes checkpoints to the same folder."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import UserError
+
 DEFAULTS: dict[str, Any] = {
     "name": "lcr-experiment",
     "dataset": {
@@ -141,7 +143,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "aot_eager")  # engine.co
 _MAY_BE_FALSE = {"eval"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that cannot be used."""
 
 

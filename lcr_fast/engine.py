@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .errors import FallbackError
+from .errors import FallbackError, UserError
 from .launch import Launch, read_launch
 
 
-class ProcessGroupError(RuntimeError):
+class ProcessGroupError(UserError, RuntimeError):
     """The ranks could not form their process group (port in use, unreachable master, timeout)."""
 
 

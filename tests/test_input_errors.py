@@ -124,3 +124,40 @@ def test_a_real_process_prints_one_line_and_no_traceback(files, command):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert errors == [f"error: {text!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"]
+
+
+def test_every_user_error_derives_from_one_base_that_run_cli_reports(capsys):
+    import subprocess
+    import sys
+
+    from lcr_fast.checkpoint import (CheckpointLockError, CheckpointWriteError, NotACheckpointError,
+                                     UnsafeCheckpointError)
+    from lcr_fast.config import ConfigError
+    from lcr_fast.data.folder import DatasetError
+    from lcr_fast.data.prepare import PrepareError
+    from lcr_fast.engine import ProcessGroupError
+    from lcr_fast.errors import FallbackError, InputError, NonFiniteLossError, UserError
+    from lcr_fast.launch import LaunchError
+
+    for cls in (ConfigError, DatasetError, UnsafeCheckpointError, CheckpointWriteError, CheckpointLockError,
+                NotACheckpointError, NonFiniteLossError, InputError, ProcessGroupError, FallbackError, LaunchError,
+                PrepareError):
+        assert issubclass(cls, UserError), cls
+
+    def fails_with(exc):
+        def main(argv):
+            raise exc
+        return main
+
+    assert run_cli(fails_with(ProcessGroupError("port 29500 is in use"))) == 2
+    assert capsys.readouterr().err == "error: port 29500 is in use\n"
+    assert run_cli(fails_with(FileNotFoundError("no such file: x.yaml"))) == 2  # a path given on the command line
+    assert capsys.readouterr().err == "error: no such file: x.yaml\n"
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        run_cli(fails_with(KeyError("model")))
+
+    # The base lives below everything else: importing it loads no other module of lcr_fast.
+    loaded = subprocess.run([sys.executable, "-c", "import sys, lcr_fast.errors; "
+                             "print(sorted(m for m in sys.modules if m.startswith('lcr_fast.')))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "['lcr_fast.errors']"

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 # A JPEG ends with the EOI marker; writers may pad a few bytes after it, so look at the tail.
 _JPEG_TAIL_BYTES = 1024
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data directory cannot be used as an ImageFolder split."""
 
 
