@@ -1,12 +1,13 @@
 """Choose between a Triton kernel and its plain-torch reference, per call, as the process's
 ``KernelBackend`` (``BACKEND``) says.
 
-Its mode is chosen once: ``LCR_KERNELS`` (auto|triton|torch; read when this module is first imported,
-the user's override of ``kernels.backend``), then ``select`` at the trainer's start-up with the
-config's value where the variable is unset (``requested_mode``). ``auto`` is Triton for CUDA tensors
-and torch otherwise. The start-up self-check (``lcr_fast.selfcheck``) switches off, on the same
-object, the Triton path of an op whose kernel fails or disagrees with its reference here. Tests and
-tools change either for a block with ``BACKEND.using``.
+The mode an op sees, first match wins: a block's ``BACKEND.using(mode)`` (tests and tools that compare
+paths must get the one they ask for); ``LCR_KERNELS`` (auto|triton|torch), the user's override, read at
+every call so that a process may switch it between calls, as the public API allows; else the mode the
+trainer chose at start-up with ``select`` from ``kernels.backend``. ``auto`` is Triton for CUDA tensors
+and torch otherwise. The start-up self-check (``lcr_fast.selfcheck``) switches off, on the same object,
+the Triton path of an op whose kernel fails or disagrees with its reference here. lcr-fast never writes
+the variable.
 """
 import contextlib
 import contextvars
@@ -74,12 +75,22 @@ def requested_mode(configured: str = "auto", environ: Mapping[str, str] = os.env
 class KernelBackend:
     """Which path each op takes: a mode, and the ops whose Triton path is switched off (with why)."""
 
-    def __init__(self, mode: str = "auto"):
-        self.mode = _valid_mode(mode, "kernels.backend")
+    def __init__(self, mode: str = "auto", environ: Mapping[str, str] = os.environ):
+        self._selected = _valid_mode(mode, "kernels.backend")
+        self._scoped: str | None = None
+        self._environ = environ
         self._disabled: dict[str, str] = {}
 
+    @property
+    def mode(self) -> str:
+        """The mode now: the enclosing ``using`` block's, else ``LCR_KERNELS``, else the selected one."""
+        if self._scoped is not None:
+            return self._scoped
+        return requested_mode(self._selected, self._environ)
+
     def select(self, mode: str) -> None:
-        self.mode = _valid_mode(mode, "kernels.backend")
+        """The mode when no ``using`` block and no ``LCR_KERNELS`` says otherwise."""
+        self._selected = _valid_mode(mode, "kernels.backend")
 
     def disable(self, op: str, reason: str) -> None:
         """From now on, ``op`` takes its torch path (``reason`` says why)."""
@@ -95,21 +106,23 @@ class KernelBackend:
 
     @contextlib.contextmanager
     def using(self, mode: str | None = None) -> Iterator["KernelBackend"]:
-        """Within the block, ``mode`` (if given); afterwards the mode and the disabled ops as they were."""
-        saved = self.mode, dict(self._disabled)
+        """Within the block, ``mode`` (if given) whatever ``LCR_KERNELS`` says; afterwards the modes and
+        the disabled ops as they were."""
+        saved = self._scoped, dict(self._disabled)
         if mode is not None:
-            self.select(mode)
+            self._scoped = _valid_mode(mode, "kernels.backend")
         try:
             yield self
         finally:
-            self.mode, self._disabled = saved
+            self._scoped, self._disabled = saved
 
     def use_triton(self, x: torch.Tensor, op: str | None = None) -> bool:
         """True when ``op`` on tensor ``x`` should run the Triton kernel."""
         # Ahead-of-time recording (planning_for_gpu) wants every kernel's launches, whatever failed here.
-        if self.mode == "torch" or (op in self._disabled and _PLAN.get() is None):
+        mode = self.mode
+        if mode == "torch" or (op in self._disabled and _PLAN.get() is None):
             return False
-        if self.mode == "auto":
+        if mode == "auto":
             return HAS_TRITON and x.is_cuda
         if not HAS_TRITON:
             raise RuntimeError("LCR_KERNELS=triton but triton cannot be imported")
@@ -121,7 +134,7 @@ class KernelBackend:
         return True
 
 
-BACKEND = KernelBackend(requested_mode())
+BACKEND = KernelBackend()
 
 
 def kernel_mode() -> str:

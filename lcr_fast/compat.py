@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, safe_load
+from .errors import UserError
 from .config import Config, load_config
 
 # (our prefix, the reference's prefixes for the same tensors); the first reference name is canonical.
@@ -63,7 +64,7 @@ UNUSED: dict[str, tuple[str, ...]] = {
 }
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
 
 

@@ -7,7 +7,6 @@ can define one.
 """
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Callable
 
@@ -29,35 +28,16 @@ class FallbackError(UserError, RuntimeError):
     ``kernels.backend=triton`` for the kernels) forbids the fallback that would replace it."""
 
 
-@functools.cache
-def _outside_user_errors() -> tuple[type[Exception], ...]:
-    # User errors of modules that do not derive them from UserError yet (lcr_fast.compat and
-    # lcr_fast.models.backbone, changed on another branch). Imported on first use: those modules
-    # import config, which imports this module.
-    from .compat import CheckpointMismatchError
-    from .models.backbone import PretrainedWeightsError
-
-    return CheckpointMismatchError, PretrainedWeightsError
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """What ``run_cli`` reports in one line: UserError, a file that does not exist, and the outside ones."""
-    return (UserError, FileNotFoundError, *_outside_user_errors())
-
-
-def __getattr__(name: str) -> tuple[type[Exception], ...]:
-    # USER_ERRORS is resolved lazily (PEP 562) for the same reason as _outside_user_errors' imports.
-    if name == "USER_ERRORS":
-        return user_errors()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# What run_cli reports in one line: a file that does not exist is the user's input too.
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``: exit status 0, or 2 after one line ``error: ...`` on stderr for any error
-    of ``user_errors()``. argparse's SystemExit (usage errors, --help) passes through as it is."""
+    of ``USER_ERRORS``. argparse's SystemExit (usage errors, --help) passes through as it is."""
     try:
         main(argv)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         # One line, so that scripts can grep it and the message is not split from its "error:".
         message = " ".join(str(exc).splitlines()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -6,11 +6,10 @@ import os
 import torch
 from torch import nn
 
-from . import errors
 from .checkpoint import safe_load
 from .compat import SIGNATURES, CheckpointMismatchError, load_reference_checkpoint, load_state_strict
 from .config import Config, load_config
-from .errors import InputError
+from .errors import USER_ERRORS, InputError
 
 
 def without_pretrained(config: dict) -> Config:
@@ -48,12 +47,12 @@ def load_model(path: str | os.PathLike, method: str | None = None,
 def load_for_eval(ckpt: str, method: str | None = None, config_path: str | None = None) -> tuple[nn.Module, Config]:
     """(model, config) for the evaluation commands: ``load_model`` with a YAML ``config_path`` for
     reference files; ``method`` defaults to that YAML's model.name. Input problems raise one of
-    lcr_fast.errors.USER_ERRORS."""
+    USER_ERRORS."""
     config = load_config(config_path) if config_path is not None else None
     method = method or (config.model.name if config is not None else None)
     try:
         return load_model(ckpt, method, config.to_dict() if config is not None else None)
-    except errors.USER_ERRORS:  # looked up at call time: USER_ERRORS is built lazily
+    except USER_ERRORS:
         raise
     except ValueError as exc:  # e.g. a reference file without a method
         raise InputError(str(exc)) from exc

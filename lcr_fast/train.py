@@ -178,8 +178,9 @@ def seed_process(seed: int) -> None:
 
 def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     """Join the process group, then what needs the device: its checks, the precision and the seeds."""
-    # Chosen once for the process: LCR_KERNELS, the user's override, else kernels.backend.
-    kernels.BACKEND.select(kernels.requested_mode(cfg.kernels.backend))
+    # The config's choice; LCR_KERNELS, the user's override, still wins, and a bad value of it fails here.
+    kernels.BACKEND.select(cfg.kernels.backend)
+    kernels.requested_mode(cfg.kernels.backend)
     launch = eng.resolve_launch(args.local_rank)
     # Every rank says what it was told before it joins: a group that never forms leaves that trace.
     print(launch.describe(), flush=True)

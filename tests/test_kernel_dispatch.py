@@ -1,5 +1,5 @@
-"""Kernel dispatch: the mode is chosen once (LCR_KERNELS over kernels.backend) and held by the process's
-KernelBackend, validated; auto keeps CPU tensors on the torch reference."""
+"""Kernel dispatch: the process's KernelBackend holds the mode (a using block over LCR_KERNELS, read at
+each call, over kernels.backend), validated; auto keeps CPU tensors on the torch reference."""
 import importlib
 import os
 import subprocess
@@ -42,18 +42,37 @@ def test_auto_uses_torch_for_cpu_tensors(monkeypatch):
         assert torch.equal(K.gradcam(feat, grad), K.gradcam_torch(feat, grad))
 
 
+def test_the_environment_variable_switches_between_calls_over_the_selected_mode(monkeypatch):
+    environ: dict[str, str] = {}
+    backend = dispatch.KernelBackend("triton", environ=environ)
+    assert backend.mode == "triton"
+    environ["LCR_KERNELS"] = "torch"
+    assert backend.mode == "torch" and backend.use_triton(torch.ones(2)) is False
+    environ["LCR_KERNELS"] = "auto"
+    assert backend.mode == "auto" and backend.use_triton(torch.ones(2)) is False
+    environ["LCR_KERNELS"] = "cuda"
+    with pytest.raises(ValueError, match="LCR_KERNELS='cuda' is not valid"):
+        backend.use_triton(torch.ones(2))
+    del environ["LCR_KERNELS"]
+    backend.select("torch")
+    assert backend.mode == "torch"
+    monkeypatch.setenv("LCR_KERNELS", "torch")  # the process's backend reads the real environment
+    assert dispatch.kernel_mode() == "torch"
+
+
 def test_the_mode_is_the_backends_and_using_restores_it(monkeypatch):
     x = torch.randn(1, 2, 2, 2)
     before = dispatch.BACKEND.mode
     with dispatch.BACKEND.using("torch"):
         assert dispatch.kernel_mode() == "torch" and dispatch.use_triton(x) is False
-        monkeypatch.setenv("LCR_KERNELS", "triton")  # read once at import, not per call
+        monkeypatch.setenv("LCR_KERNELS", "triton")  # a using block wins over the variable
         assert dispatch.use_triton(x) is False
         with dispatch.BACKEND.using("triton"):
             dispatch.BACKEND.disable("gradcam", "failed its check")
             assert dispatch.use_triton(x) is (dispatch.HAS_TRITON and (x.is_cuda or dispatch.INTERPRETED))
             assert dispatch.use_triton(x, op="gradcam") is False
         assert dispatch.BACKEND.mode == "torch" and dispatch.BACKEND.disabled() == {}
+    monkeypatch.delenv("LCR_KERNELS")
     assert dispatch.BACKEND.mode == before
 
 

@@ -11,13 +11,15 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from ..errors import UserError
+
 # The reference's BYOL backbones: ResNet-50 whose forward skips the stem max-pool (layer4 at input/16).
 REFERENCE_BACKBONES = ("resnet50_cub200", "resnet50_stanfordcars", "resnet50_aircrafts")
 _ARCHS = {"resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
           "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1)}
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights were asked for but cannot be had."""
 
 
