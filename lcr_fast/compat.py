@@ -1,5 +1,10 @@
 """Reading and writing the reference's checkpoint layout (GANPerf/LCR ``main.py`` / ``main_moco.py``).
 
+Each method declares its layout (``lcr_fast.methods.<name>``'s ``ReferenceLayout``: key prefixes, the
+signature key, the unused tensors, the config of a file's shapes, and what an export adds); the
+machinery here reads and writes any of them. A method without one has no reference
+file.
+
 BYOL: the reference saves ``{'epoch', 'state_dict'}``. Its BYOL module registers the backbone and projector
 twice (``backbone.*`` and ``online_encoder.0.*`` are one tensor), names the EMA target
 ``target_encoder.{0,1}`` and the rationale detector ``conv16``/``bn16``. Ours names them
@@ -19,7 +24,6 @@ weight decay 1e-4, no momentum buffers) that the reference's ``--resume`` accept
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -27,41 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import methods
 from .checkpoint import atomic_save, safe_load
 from .errors import UserError
 from .config import Config, load_config
+from .methods.base import load
 
-# (our prefix, the reference's prefixes for the same tensors); the first reference name is canonical.
+# Views of the layouts the methods declare, by method name.
+_LAYOUTS = {name: methods.get(name).reference for name in methods.with_reference_layout()}
 PREFIXES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "byol": [
-        ("backbone.", ("backbone.", "online_encoder.0.")),
-        ("projector.", ("projector.", "online_encoder.1.")),
-        ("predictor.", ("online_predictor.",)),
-        ("target_backbone.", ("target_encoder.0.",)),
-        ("target_projector.", ("target_encoder.1.",)),
-        ("rationale.conv.", ("conv16.",)),
-        ("rationale.bn.", ("bn16.",)),
-    ],
-    # Order matters: entries are tried in turn, so ``encoder_q.fc.`` before ``encoder_q.`` and
-    # ``queue_ptr`` before ``queue`` (whole keys, matched as prefixes once the max branch is set aside).
-    "moco": [
-        ("projector.", ("encoder_q.fc.",)),
-        ("backbone.", ("encoder_q.",)),
-        ("key_projector.", ("encoder_k.fc.",)),
-        ("key_backbone.", ("encoder_k.",)),
-        ("rationale.conv.", ("conv16.",)),
-        ("rationale.bn.", ("bn16.",)),
-        ("queue_ptr", ("queue_ptr",)),
-        ("queue", ("queue",)),
-    ],
-}
-# A key prefix that identifies each method's checkpoints, for a clear error when they are mixed up.
-SIGNATURES = {"byol": "online_predictor.", "moco": "encoder_q."}
-# The reference's tensors that no loss reads and our models do not hold (MoCo's "max" branch).
-UNUSED: dict[str, tuple[str, ...]] = {
-    "byol": (),
-    "moco": ("queue_max", "queue_ptr_max", "fc.", "qmax.", "kmax.", "conv16_2.", "bn16_2."),
-}
+    name: list(layout.prefixes) for name, layout in _LAYOUTS.items()}
+SIGNATURES = {name: layout.signature for name, layout in _LAYOUTS.items()}
+UNUSED: dict[str, tuple[str, ...]] = {name: layout.unused for name, layout in _LAYOUTS.items()}
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -121,35 +102,7 @@ def _shape(state: dict[str, torch.Tensor], key: str) -> torch.Size:
 
 def _config_for(state: dict[str, torch.Tensor], method: str) -> Config:
     """A config whose model has the checkpoint's shapes (backbone width, head sizes), from scratch."""
-    if method == "moco":
-        # layer4's first conv reads 1024 channels in a ResNet-50, 256 in a ResNet-18; the reference's is a
-        # standard ResNet with the stem max-pool.
-        backbone = "resnet50" if _shape(state, "encoder_q.layer4.0.conv1.weight")[1] == 1024 else "resnet18"
-        mlp = "encoder_q.fc.0.weight" in state
-        K = int(_shape(state, "queue")[1])
-        return load_config(None, {
-            "model": {
-                "name": "moco", "backbone": backbone, "maxpool": True, "pretrained": "none", "moco_mlp": mlp,
-                "moco_dim": int(_shape(state, "encoder_q.fc.2.weight" if mlp else "encoder_q.fc.weight")[0]),
-                "moco_k": K,
-                "rationale_channels": int(_shape(state, "conv16.weight")[0]),
-            },
-            # The file does not tell the batch that filled its queue: the largest part of the reference's
-            # 128 that the queue takes whole, so that the config is one training could continue from.
-            "train": {"batch_size": math.gcd(K, 128)},
-        })
-    if method == "byol":
-        width = state["backbone.layer4.0.conv1.weight"].shape[1] if "backbone.layer4.0.conv1.weight" in state else None
-        backbone = "resnet50_cub200" if width == 1024 else "resnet18"
-        return load_config(None, {
-            "model": {
-                "name": "byol", "backbone": backbone, "pretrained": "none",
-                "proj_hidden_dim": int(state["projector.layer1.0.weight"].shape[0]),
-                "proj_dim": int(state["projector.layer2.weight"].shape[0]),
-                "rationale_channels": int(state["conv16.weight"].shape[0]),
-            }
-        })
-    raise ValueError(f"unknown method {method!r}")
+    return load_config(None, _LAYOUTS[method].config_for(state, lambda key: _shape(state, key)))
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -189,7 +142,7 @@ def load_reference_checkpoint(path: str | os.PathLike, method: str, config: Conf
     cfg = config if config is not None else _config_for(state, method)
     model = build_model(cfg)
     load_state_strict(model, _from_reference(state, method), os.fspath(path))
-    if UNUSED[method]:
+    if _LAYOUTS[method].unused:
         model.reference_extras = {k: v for k, v in state.items() if _is_unused(k, method)}
     return model
 
@@ -201,12 +154,13 @@ def reference_state_dict(model: nn.Module, method: str | None = None) -> dict[st
     for key, value in model.state_dict().items():
         for ref_key in _to_reference_key(key, method):
             out[ref_key] = value.detach().cpu()
-    if method == "moco":
-        out.update(_moco_unused_state(model, out))
+    extra = _LAYOUTS[method].extra_state
+    if extra is not None:
+        out.update(load(extra)(model, out))
     return out
 
 
-def _moco_unused_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def moco_unused_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reference MoCo's max-branch tensors: those read from its file if the model came from one,
     else deterministic values (seed 0) drawn as the reference initialises them."""
     width, dim, K = model.backbone.output_dim, state["queue"].shape[0], state["queue"].shape[1]
@@ -242,14 +196,16 @@ def _moco_unused_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
 
 
 def model_method(model: nn.Module) -> str:
-    from .models.byol import BYOL
-    from .models.moco import MoCo
+    """The name of ``model``'s method; ValueError when that method has no reference layout."""
+    method = methods.of_model(model).name
+    if method not in _LAYOUTS:
+        raise ValueError(f"no reference layout for {type(model).__name__} ({method} has no reference checkpoints)")
+    return method
 
-    if isinstance(model, BYOL):
-        return "byol"
-    if isinstance(model, MoCo):
-        return "moco"
-    raise ValueError(f"no reference layout for {type(model).__name__}")
+
+def has_reference_layout(model: nn.Module) -> bool:
+    """Whether ``model``'s method has a reference checkpoint layout to export."""
+    return methods.of_model(model).name in _LAYOUTS
 
 
 def _reference_sgd_state(state: dict[str, torch.Tensor]) -> dict:
@@ -267,20 +223,22 @@ def _arch_name(model: nn.Module) -> str:
     return "resnet50" if type(model.backbone.layer1[0]).__name__ == "Bottleneck" else "resnet18"
 
 
+def moco_reference_file(model: nn.Module, state: dict[str, torch.Tensor], epoch: int) -> dict:
+    """``main_moco.py``'s file: ``{'epoch', 'arch', 'state_dict', 'optimizer'}``, keys ``module.``-prefixed."""
+    return {"epoch": epoch, "arch": _arch_name(model), "state_dict": {"module." + k: v for k, v in state.items()},
+            "optimizer": _reference_sgd_state(state)}
+
+
 def export_reference_checkpoint(model: nn.Module, path: str | os.PathLike, epoch: int = 0) -> None:
     """Write the reference's layout (atomically): BYOL ``{'epoch', 'state_dict'}``; MoCo ``main_moco.py``'s
     ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` with ``module.``-prefixed keys, max branch included."""
     method = model_method(model)
     state = reference_state_dict(model, method)
-    if method == "moco":
-        atomic_save({"epoch": epoch, "arch": _arch_name(model),
-                     "state_dict": {"module." + k: v for k, v in state.items()},
-                     "optimizer": _reference_sgd_state(state)}, path)
-    else:
-        atomic_save({"epoch": epoch, "state_dict": state}, path)
+    file = _LAYOUTS[method].file
+    atomic_save(load(file)(model, state, epoch) if file is not None else {"epoch": epoch, "state_dict": state}, path)
 
 
 __all__ = [
-    "CheckpointMismatchError", "export_reference_checkpoint", "load_reference_checkpoint", "load_state_strict",
-    "read_reference_checkpoint", "reference_state_dict",
+    "CheckpointMismatchError", "export_reference_checkpoint", "has_reference_layout", "load_reference_checkpoint",
+    "load_state_strict", "read_reference_checkpoint", "reference_state_dict",
 ]

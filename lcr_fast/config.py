@@ -4,6 +4,11 @@ A config is the reference's sections (``name``, ``dataset``, ``model``, ``train`
 ``eval``, ``logger``, ``seed``) plus ours (``data``, ``engine``, ``kernels``, ``fixes``). A key that is
 not in DEFAULTS is an error naming the key, the file and the closest valid key, raised before
 anything runs. ``fixes`` holds one switch per reference quirk: all off reproduces the reference.
+
+DEFAULTS is the one table of keys. Its ``model`` section holds the keys every method reads, then each
+method's own (``model.moco_k``, ...), which the method declares with its checks in its module of
+``lcr_fast.methods`` and which are added here; the keys of all methods are valid whichever runs, so a
+saved config lists them all, as it always has.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from . import methods
 from .errors import UserError
 
 DEFAULTS: dict[str, Any] = {
@@ -30,24 +36,16 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 8,
     },
     "model": {
-        "name": "byol",  # byol | moco
+        "name": "byol",  # one of lcr_fast.methods.NAMES
         # reference names (resnet50_cub200, resnet50_stanfordcars, resnet50_aircrafts) are ResNet-50 without
         # the stem max-pool; resnet50 / resnet18 follow model.maxpool.
         "backbone": "resnet50_cub200",
         "maxpool": None,  # None: off for the reference's BYOL backbones, on otherwise
         "pretrained": "imagenet",  # imagenet | none | path to a torchvision-format .pth
-        "proj_hidden_dim": 4096,
-        "proj_dim": 256,
-        "ema_tau": 0.996,
         "rationale_channels": 32,
         "rationale_weight": 0.01,
-        "rationale_temperature": 0.4,  # BYOL only: the reference's MoCo KL has no temperature
-        # MoCo v2 (model.name=moco; the reference's main_moco.py --moco-dim/-k/-m/-t and --mlp).
-        "moco_dim": 256,
-        "moco_k": 65536,  # queue size: a multiple of train.batch_size (checked at start-up)
-        "moco_m": 0.999,  # key encoder momentum
-        "moco_t": 0.2,  # InfoNCE temperature
-        "moco_mlp": True,  # head 2048 -> 2048 -> ReLU -> moco_dim instead of one Linear
+        "rationale_temperature": 0.4,  # the KL's t where it has one (BYOL's); the reference's MoCo KL has none
+        # then each method's own keys, from its declaration (lcr_fast.methods.<name>.METHOD.keys)
     },
     "train": {
         # lars_simclr | sgd | adamw (ours; betas is read by adamw only, momentum and trust_coef not)
@@ -136,6 +134,20 @@ DEFAULTS: dict[str, Any] = {
         "linear_eval_weighted_accuracy": False,
     },
 }
+
+
+
+def _add_method_keys(model: dict) -> None:
+    """Every method's ``model.*`` keys with their defaults, after the shared ones: one namespace, so a
+    key two methods declare is an error here rather than a silent overwrite."""
+    for name in methods.names():
+        for key, value in methods.get(name).keys.defaults.items():
+            if key in model:
+                raise ValueError(f"method {name!r} declares model.{key}, which is already a config key")
+            model[key] = value
+
+
+_add_method_keys(DEFAULTS["model"])
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "aot_eager")  # engine.compile
 
@@ -295,22 +307,15 @@ def _number(value: Any, key: str, low: float, high: float = math.inf, low_open: 
         raise ConfigError(f"{key} must be a number {bound}, got {value!r}")
 
 
-def check_queue_size(K: int, global_batch: int) -> None:
-    """The MoCo queue takes a whole number of global batches (the reference asserts it on the first step)."""
-    if K >= global_batch and K % global_batch == 0:
-        return
-    below = max(1, K // global_batch)
-    sizes = sorted({global_batch * n for n in range(max(1, below - 1), below + 3)})
-    raise ConfigError(
-        f"model.moco_k={K!r} is not a multiple of the global batch train.batch_size={global_batch}: the queue is "
-        f"refilled one global batch at a time. Nearby valid sizes: {', '.join(map(str, sizes))}"
-    )
+def _method_keys(kind: str) -> list[str]:
+    """Every method's ``model.*`` keys of one kind of check (``integers``, ``flags``, ...; ConfigKeys)."""
+    return [key for name in methods.names() for key in getattr(methods.get(name).keys, kind)]
 
 
 def _validate_choices(cfg: dict) -> None:
     if not isinstance(cfg["name"], str) or not cfg["name"] or "/" in cfg["name"]:
         raise ConfigError(f"name must be a non-empty string without '/' (it names output files), got {cfg['name']!r}")
-    _choice(cfg["model"]["name"], "model.name", ("byol", "moco"))
+    _choice(cfg["model"]["name"], "model.name", methods.names())
     _choice(cfg["data"]["backend"], "data.backend", ("dali", "torchvision"))
     _choice(cfg["data"]["recipe"], "data.recipe", (None, "byol", "mocov2"))
     _choice(cfg["engine"]["precision"], "engine.precision", ("auto", "fp32", "bf16", "fp16"))
@@ -320,7 +325,8 @@ def _validate_choices(cfg: dict) -> None:
     _choice(cfg["train"]["optimizer"]["name"], "train.optimizer.name", ("lars_simclr", "sgd", "adamw"))
     _choice(cfg["train"]["schedule"], "train.schedule", ("warmup_cosine", "cosine_epoch"))
     for key in ("engine.sync_bn", "engine.channels_last", "engine.deterministic", "engine.strict", "train.scale_lr",
-                "train.knn_monitor", "logger.tensorboard", "logger.matplotlib", "model.moco_mlp"):
+                "train.knn_monitor", "logger.tensorboard", "logger.matplotlib",
+                *(f"model.{key}" for key in _method_keys("flags"))):
         section, name = key.split(".")
         _choice(cfg[section][name], key, (True, False))
     for name, value in cfg["fixes"].items():
@@ -339,7 +345,7 @@ def _validate_choices(cfg: dict) -> None:
 
 def _validate_numbers(cfg: dict) -> None:
     model, train, optimizer = cfg["model"], cfg["train"], cfg["train"]["optimizer"]
-    for key in ("proj_hidden_dim", "proj_dim", "rationale_channels", "moco_dim", "moco_k"):
+    for key in ("rationale_channels", *_method_keys("integers")):
         _integer(model[key], f"model.{key}", 1)
     for key in ("batch_size", "stop_at_epoch", "num_epochs", "knn_interval", "knn_k"):
         _integer(train[key], f"train.{key}", 1)
@@ -365,9 +371,9 @@ def _validate_numbers(cfg: dict) -> None:
     _number(optimizer["weight_decay"], "train.optimizer.weight_decay", 0.0)
     _number(optimizer["momentum"], "train.optimizer.momentum", 0.0, 1.0)
     _number(optimizer["trust_coef"], "train.optimizer.trust_coef", 0.0, low_open=True)
-    for key in ("ema_tau", "moco_m"):
+    for key in _method_keys("fractions"):
         _number(model[key], f"model.{key}", 0.0, 1.0)
-    for key in ("moco_t", "rationale_temperature"):
+    for key in ("rationale_temperature", *_method_keys("positives")):
         _number(model[key], f"model.{key}", 0.0, low_open=True)
     _number(model["rationale_weight"], "model.rationale_weight", 0.0)
 
@@ -417,8 +423,9 @@ def _validate_combinations(cfg: dict) -> None:
             "ratios would be computed over a whole shard of the model: use zero_stage 0 with lars_simclr, or "
             "train.optimizer.name sgd / adamw"
         )
-    if cfg["model"]["name"] == "moco":
-        check_queue_size(cfg["model"]["moco_k"], train["batch_size"])
+    error = methods.get(cfg["model"]["name"]).batch_error(cfg["model"], train["batch_size"])
+    if error:
+        raise ConfigError(error)
 
 
 def validate(cfg: dict) -> None:
@@ -431,8 +438,8 @@ def validate(cfg: dict) -> None:
 
 
 def recipe_for(cfg: Config) -> str:
-    """The augmentation recipe: the configured one, else the model's own (BYOL's, or MoCo v2's aug-plus)."""
-    return cfg.data.recipe or ("mocov2" if cfg.model.name == "moco" else "byol")
+    """The augmentation recipe: the configured one, else the method's own (its declaration's ``recipe``)."""
+    return cfg.data.recipe or methods.get(cfg.model.name).recipe
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

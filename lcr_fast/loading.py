@@ -22,7 +22,8 @@ def load_model(path: str | os.PathLike, method: str | None = None,
     """(model, config) from ``path``.
 
     Our training checkpoints carry their config, which is used as saved; a ``method`` that differs
-    from it is an error. For a reference checkpoint ``method`` is required ("byol" | "moco"), and
+    from it is an error. For a reference checkpoint ``method`` is required (a method with a reference
+    layout: lcr_fast.methods.with_reference_layout()), and
     ``config`` (if given) fixes what the file cannot tell, such as the stem max-pool.
     """
     from .models import build_model

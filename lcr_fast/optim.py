@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lcr_fast import methods
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -76,10 +78,13 @@ def build_optimizer(cfg, model: nn.Module) -> Optimizer:
     if opt.name == "lars_simclr":
         return LARS(lars_param_groups(model), lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                     trust_coef=opt.trust_coef, keep_momentum=cfg.fixes.lars_momentum)
-    # As the reference's SGD: the predictor in its own group, which the schedule keeps at the base rate.
+    # As the reference's SGD: the parameters the method names (its ``fixed_lr``: BYOL's predictor) in their
+    # own group, which every schedule keeps at the base rate. Frozen parameters (a target, a bias a method
+    # freezes) never receive a gradient: left out.
+    fixed = methods.get(cfg.model.name).fixed_lr
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"name": "base", "params": [p for n, p in named if not n.startswith("predictor.")]},
-              {"name": "predictor", "params": [p for n, p in named if n.startswith("predictor.")]}]
+    groups = [{"name": "base", "params": [p for n, p in named if not (fixed and n.startswith(fixed))]},
+              {"name": "predictor", "params": [p for n, p in named if fixed and n.startswith(fixed)]}]
     groups = [g for g in groups if g["params"]]  # MoCo has no predictor
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
@@ -149,7 +154,8 @@ def cosine_epoch_lr(base_lr: float, epoch: int, num_epochs: int) -> float:
 
 class CosineEpochSchedule:
     """The reference MoCo's ``adjust_learning_rate`` with ``--cos``: at the start of epoch e every group
-    runs at base * 0.5 * (1 + cos(pi e / num_epochs)), constant through the epoch, no warmup.
+    runs at base * 0.5 * (1 + cos(pi e / num_epochs)), constant through the epoch, no warmup; a
+    "predictor" group (a method's ``fixed_lr``) stays at the base rate, as in WarmupCosineSchedule.
 
     Same interface as WarmupCosineSchedule; ``step`` (0-based optimizer steps) gives the epoch.
     """
@@ -167,7 +173,7 @@ class CosineEpochSchedule:
     def apply(self, optimizer: Optimizer, step: int) -> float:
         lr = self.lr(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.base_lr if group.get("name") == "predictor" else lr
         return lr
 
 

@@ -1,5 +1,5 @@
-"""Train BYOL or MoCo v2 with the LCR rationale branch; evaluate by kNN and retrieval and, for BYOL, by
-the linear evaluation the reference's main.py runs after training.
+"""Train a self-supervised method of lcr_fast.methods (BYOL, MoCo v2, ...) with the LCR rationale branch;
+evaluate by kNN and retrieval and, for BYOL, by the linear evaluation the reference's main.py runs after training.
 
 One GPU, several, or the CPU (gloo), always through DeepSpeed:
 
@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from lcr_fast import engine as eng
-from lcr_fast import kernels, run_info, selfcheck
+from lcr_fast import kernels, methods, run_info, selfcheck
 from lcr_fast.checkpoint import (check_checkpoint_file, check_writable, load_training_checkpoint, run_lock,
                                  save_training_checkpoint, set_rng_state)
-from lcr_fast.compat import export_reference_checkpoint, load_state_strict
+from lcr_fast.compat import export_reference_checkpoint, has_reference_layout, load_state_strict
 from lcr_fast.config import Config, ConfigError, load_config, packaged_configs, recipe_for, save_config
 from lcr_fast.data import (DatasetError, FolderIndex, build_eval_loader, build_train_loader, check_hold_out,
                            check_same_classes, checked_loader, hold_out, scan_split)
@@ -54,7 +54,7 @@ from lcr_fast.visualize import pick_images, rationale_maps, write_heatmaps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train BYOL / MoCo v2 with LCR.",
+    p = argparse.ArgumentParser(description=f"Train {' / '.join(methods.names())} with LCR.",
                                 epilog="Trailing section.key=value arguments override the config.")
     p.add_argument("-c", "--config-file", help="YAML config (the reference's files work unchanged), or the name of "
                                               "a packaged one (byol_cub200, ...)")
@@ -269,8 +269,7 @@ def build_engine(cfg: Config, info: eng.DistInfo, precision: str, resume: dict |
                               "resume it with the engine.zero_stage it was trained with")
         state = RunState.from_checkpoint(ckpt)
         set_rng_state(ckpt["rng"])
-    if cfg.model.name == "moco":
-        model.broadcast_queue()
+    model.broadcast_state()  # what DeepSpeed leaves per rank: it broadcasts parameters, not buffers (MoCo's queue)
     engine, optimizer = eng.initialize(model, optimizer, cfg, info.world_size, precision)
     if ckpt is not None and ckpt["optimizer"] is None:
         eng.load_zero_state(engine, os.path.dirname(resume_path), ckpt["extra"]["zero_tag"])
@@ -453,11 +452,12 @@ def linear_eval_model(cfg: Config, trained: torch.nn.Module, device: torch.devic
 
 def end_of_run_linear_eval(run: Run) -> dict:
     """BYOL's linear evaluation after training, as the reference's ``main.py`` runs it when the config's
-    ``eval`` is not False (rank 0; on the images the run trained on); otherwise why it did not run."""
+    ``eval`` is not False (rank 0; on the images the run trained on), for the methods that declare it
+    (lcr_fast.methods); otherwise why it did not run."""
     cfg = run.cfg
-    if cfg.model.name != "byol":
-        return {"skipped": "the reference's MoCo (main_moco.py) runs no linear evaluation after training; "
-                           "lcr-eval --protocol linear --linear_protocol reference runs its main_lincls.py"}
+    skipped = methods.get(cfg.model.name).final_linear_eval
+    if skipped is not None:
+        return {"skipped": skipped}
     if cfg.eval is False:
         return {"skipped": "the config's eval is false"}
     model, weights = linear_eval_model(cfg, run.parts.model, run.info.device)
@@ -471,9 +471,9 @@ def heatmap_inputs(run: Run) -> tuple | None:
     gathers keys across ranks, so all of them run it while rank 0 draws."""
     if not run.cfg.logger.matplotlib:
         return None
-    count = 8
-    if run.cfg.model.name == "moco":  # the keys of every rank's images must fill the queue in whole batches
-        count = max(n for n in range(1, count + 1) if run.cfg.model.moco_k % (n * run.info.world_size) == 0)
+    # Up to 8 a rank, as many as the method's batch constraint allows (MoCo's queue takes whole global batches).
+    method, world = methods.get(run.cfg.model.name), run.info.world_size
+    count = max(n for n in range(1, 9) if method.batch_error(run.cfg.model, n * world) is None)
     images, titles = pick_images(run.inputs.test_index, count, run.cfg.dataset.image_size)
     return images, titles, rationale_maps(run.parts.model, images)
 
@@ -494,9 +494,11 @@ def finish(run: Run) -> dict:
     # in a barrier that its linear evaluation could outlast (engine.dist_timeout_s).
     eng.barrier()
     if run.info.is_main:
-        reference_path = os.path.join(run.args.ckpt_dir, f"{cfg.name}_reference.pth")
-        export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
-        results["checkpoint"], results["reference_checkpoint"] = run.ckpt_path, reference_path
+        results["checkpoint"] = run.ckpt_path
+        if has_reference_layout(model):
+            reference_path = os.path.join(run.args.ckpt_dir, f"{cfg.name}_reference.pth")
+            export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
+            results["reference_checkpoint"] = reference_path
         validating = run.val_loader is not None
         retrieval = (cfg.eval is not False and cfg.eval.retrieval) or validating
         results.update(evaluate(model, run.memory_loader, run.test_loader, run.knn_k, cfg.train.knn_t,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lcr_fast import methods
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lcr_fast.errors import run_cli
 from lcr_fast.models.rationale import per_image_unit
@@ -137,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lcr_fast.visualize",
                                 description="GradCAM and rationale heatmaps of a checkpoint.")
     p.add_argument("--ckpt", required=True, help="our last.pt, or a reference .pth/.pth.tar (then --method)")
-    p.add_argument("--method", choices=("byol", "moco"), default=None)
+    p.add_argument("--method", choices=methods.names(), default=None)
     p.add_argument("--config", default=None, help="YAML for a reference checkpoint (image size, max-pool, ...)")
     p.add_argument("--data_dir", default=os.getenv("DATA"), help="ImageFolder root (env DATA)")
     p.add_argument("--split", default="test")

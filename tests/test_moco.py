@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lcr_fast.compat import UNUSED, export_reference_checkpoint, load_reference_checkpoint, reference_state_dict
-from lcr_fast.config import ConfigError, check_queue_size, load_config
+from lcr_fast.config import ConfigError, load_config
 from lcr_fast.kernels import BACKEND
+from lcr_fast.methods.moco import check_queue_size
 from lcr_fast.models import build_model
 from lcr_fast.models.moco import MoCo
 from lcr_fast.optim import CosineEpochSchedule, WarmupCosineSchedule, build_optimizer, build_schedule

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from lcr_fast import engine as eng
+from lcr_fast import methods
 from lcr_fast.checkpoint import check_checkpoint_file, check_creatable
 from lcr_fast.config import DEFAULTS, Config, load_config
 from lcr_fast.data import BACKENDS, FolderIndex, build_eval_loader, check_same_classes, hold_out, scan_split
@@ -67,7 +68,7 @@ LINEAR_PROTOCOLS = ("lcr", "cached", "reference")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lcr-eval", description="Evaluate an LCR checkpoint (ours or the reference's).")
     p.add_argument("--ckpt", required=True, help="our last.pt, or a reference .pth/.pth.tar (then --method)")
-    p.add_argument("--method", choices=("byol", "moco"), default=None,
+    p.add_argument("--method", choices=methods.names(), default=None,
                    help="what a reference checkpoint holds (default: --config's model.name); checked against ours")
     p.add_argument("--config", default=None,
                    help="YAML for a reference checkpoint (image size, max-pool, ...); ours carry their own")
@@ -210,8 +211,9 @@ def _features(job: _Job, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def linear_protocol(args: argparse.Namespace, cfg: Config) -> str:
-    """``--linear_protocol``, else the method's own: lcr for BYOL (its main.py), cached for MoCo (fast)."""
-    return args.linear_protocol or ("lcr" if cfg.model.name == "byol" else "cached")
+    """``--linear_protocol``, else the method's own (lcr_fast.methods): lcr for BYOL (its main.py), cached for
+    the others (fast)."""
+    return args.linear_protocol or methods.get(cfg.model.name).linear_protocol
 
 
 def linear_config(job: _Job) -> Config:

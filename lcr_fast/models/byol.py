@@ -4,34 +4,31 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lcr_fast.kernels import byol_loss, ema_update, gradcam, rationale_kl
-from lcr_fast.objective import lcr_objective
+from lcr_fast.kernels import byol_loss, ema_update
 
+from .backbone import build_backbone
 from .heads import MLP
-from .rationale import RationaleDetector, per_image_unit
+from .lcr import LCRModel, global_pool
+from .rationale import RationaleDetector
 
 
-def global_pool(feat: torch.Tensor) -> torch.Tensor:
-    return F.adaptive_avg_pool2d(feat, 1).flatten(1)
-
-
-class BYOL(nn.Module):
+class BYOL(LCRModel):
     """Online network (backbone, projector, predictor), EMA target, rationale detector.
 
     ``forward`` changes no parameter: the EMA step is ``momentum_update()``, which
     ``lcr_fast.loop.train_step`` calls once per optimizer step right before that step's first forward
     (the reference runs it at the start of its forward, so its checkpoints hold weights whose EMA is
-    still pending).
+    still pending). The KL is the reference's: over the flattened h*w at temperature
+    ``rationale_temperature``.
     """
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256, tau: float = 0.996,
                  rationale_channels: int = 32, rationale_weight: float = 0.01, rationale_temperature: float = 0.4,
                  per_sample_minmax: bool = False, detach_cam: bool = False, scale_cam: bool = False):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, rationale_weight, rationale_temperature, flatten_kl=True, detach_cam=detach_cam,
+                         scale_cam=scale_cam)
         self.projector = MLP(backbone.output_dim, proj_hidden_dim, proj_dim)
         self.predictor = MLP(proj_dim, proj_hidden_dim, proj_dim)
         self.target_backbone = copy.deepcopy(backbone)
@@ -40,10 +37,14 @@ class BYOL(nn.Module):
             p.requires_grad_(False)
         self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
         self.tau = tau
-        self.rationale_weight = rationale_weight
-        self.rationale_temperature = rationale_temperature
-        self.detach_cam = detach_cam
-        self.scale_cam = scale_cam
+
+    @classmethod
+    def from_config(cls, config) -> BYOL:
+        m, fixes = config.model, config.fixes
+        return cls(build_backbone(m.backbone, m.maxpool, m.pretrained), proj_hidden_dim=m.proj_hidden_dim,
+                   proj_dim=m.proj_dim, tau=m.ema_tau, rationale_channels=m.rationale_channels,
+                   rationale_weight=m.rationale_weight, rationale_temperature=m.rationale_temperature,
+                   per_sample_minmax=fixes.per_sample_minmax, detach_cam=fixes.detach_cam, scale_cam=fixes.scale_cam)
 
     def online_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -72,23 +73,4 @@ class BYOL(nn.Module):
             z1_t = self._target(view1)
             z2_t = self._target(view2)
         ssl_loss = byol_loss(p1, z2_t, p2, z1_t)
-
-        # GradCAM of the SSL loss on view 1's layer4. The gradient is a constant (no create_graph),
-        # but feat1 keeps its graph, so the rationale loss also trains the backbone through cam.
-        (grad1,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
-        cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad1)
-        if self.scale_cam:
-            cam = per_image_unit(cam)
-        attention = self.rationale(feat1)
-        rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=True)
-        loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)
-        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam,
-                "attention": attention}
-
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Evaluation features, both L2-normalised: GAP of layer4, and the rationale-weighted pooling."""
-        feat = self.backbone(images)
-        attention = self.rationale(feat)
-        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention),
-                "attention": attention}
+        return self.lcr_terms(ssl_loss, cam_feat, self.rationale(feat1))

@@ -16,12 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lcr_fast.kernels import ema_update, gradcam, infonce_queue, rationale_kl
+from lcr_fast.kernels import ema_update, infonce_queue
 from lcr_fast.kernels.dispatch import memory_format_of
-from lcr_fast.objective import lcr_objective
 
-from .byol import global_pool
-from .rationale import RationaleDetector, per_image_unit
+from .backbone import build_backbone
+from .lcr import LCRModel, global_pool
+from .rationale import RationaleDetector
 
 
 def _world() -> tuple[int, int]:
@@ -49,22 +49,23 @@ def projection_head(in_dim: int, dim: int, mlp: bool) -> nn.Module:
     return nn.Linear(in_dim, dim)
 
 
-class MoCo(nn.Module):
+class MoCo(LCRModel):
     """Query encoder (backbone, projector), momentum key encoder, queue of keys, rationale detector.
 
     ``forward`` changes no parameter; besides BatchNorm statistics its one state change is the
     enqueue of this step's keys (all ranks'), as in the reference. The key encoder's EMA step is
     ``momentum_update()``, which ``lcr_fast.loop.train_step`` calls once per optimizer step right
     before the forward (the reference runs it inside forward, before the keys: the same result).
+    The KL is the reference's: no temperature, softmax over rows of the map unless ``flatten_kl``.
     """
 
     def __init__(self, backbone: nn.Module, dim: int = 256, K: int = 65536, m: float = 0.999, T: float = 0.2,
                  mlp: bool = True, rationale_channels: int = 32, rationale_weight: float = 0.01,
                  per_sample_minmax: bool = False, flatten_kl: bool = False, detach_cam: bool = False,
                  scale_cam: bool = False):
-        super().__init__()
+        super().__init__(backbone, rationale_weight, 1.0, flatten_kl=flatten_kl, detach_cam=detach_cam,
+                         scale_cam=scale_cam)
         self.K, self.m, self.T = K, m, T
-        self.backbone = backbone
         self.projector = projection_head(backbone.output_dim, dim, mlp)
         self.key_backbone = copy.deepcopy(backbone)
         self.key_projector = copy.deepcopy(self.projector)
@@ -73,13 +74,17 @@ class MoCo(nn.Module):
         self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.rationale_weight = rationale_weight  # nu (lcr_fast.objective scales it by the pieces of a step)
-        self.flatten_kl = flatten_kl
-        self.detach_cam = detach_cam
-        self.scale_cam = scale_cam
         # The reference's unused max-branch tensors when this model was read from one of its files
         # (lcr_fast.compat); plain CPU tensors outside the state dict, only for exporting them back.
         self.reference_extras: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, config) -> MoCo:
+        m, fixes = config.model, config.fixes
+        return cls(build_backbone(m.backbone, m.maxpool, m.pretrained), dim=m.moco_dim, K=m.moco_k, m=m.moco_m,
+                   T=m.moco_t, mlp=m.moco_mlp, rationale_channels=m.rationale_channels,
+                   rationale_weight=m.rationale_weight, per_sample_minmax=fixes.per_sample_minmax,
+                   flatten_kl=fixes.flatten_kl, detach_cam=fixes.detach_cam, scale_cam=fixes.scale_cam)
 
     def query_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -99,6 +104,9 @@ class MoCo(nn.Module):
         if _world()[0] > 1:
             dist.broadcast(self.queue, src)
             dist.broadcast(self.queue_ptr, src)
+
+    def broadcast_state(self, src: int = 0) -> None:
+        self.broadcast_queue(src)
 
     @torch.no_grad()
     def _track_rationale_bn(self, feat: torch.Tensor) -> None:
@@ -152,22 +160,5 @@ class MoCo(nn.Module):
         ssl_loss = infonce_queue(q, k, self.queue.clone(), self.T)
         self._enqueue(k_all)
 
-        # GradCAM of the InfoNCE loss on the query's layer4: a constant gradient (no create_graph), but
-        # feat_q keeps its graph, so the rationale loss also trains the backbone through cam.
-        (grad_q,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
-        cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad_q)
-        if self.scale_cam:
-            cam = per_image_unit(cam)
-        # The reference's KL: softmax over the last axis only (rows of w), no temperature, reduction sum.
-        rationale_loss = rationale_kl(cam, attention, 1.0, flatten=self.flatten_kl)
-        loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)
-        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam,
-                "attention": attention}
-
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Evaluation features, both L2-normalised: GAP of layer4, and the rationale-weighted pooling."""
-        feat = self.backbone(images)
-        attention = self.rationale(feat)
-        return {"gap": F.normalize(global_pool(feat), dim=1), "rationale": self.rationale.pool(feat, attention),
-                "attention": attention}
+        # GradCAM of the InfoNCE loss on the query's layer4, and the reference's KL (see the class).
+        return self.lcr_terms(ssl_loss, cam_feat, attention)
