@@ -16,7 +16,7 @@ import importlib
 
 from .base import Method
 
-NAMES = ("byol", "moco")
+NAMES = ("byol", "moco", "simsiam")
 
 _METHODS: dict[str, Method] = {name: importlib.import_module(f"{__name__}.{name}").METHOD for name in NAMES}
 for _name, _method in _METHODS.items():
