@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -46,6 +47,24 @@ def tiny_config(**sections):
         else:
             base[name] = values
     return load_config(None, base)
+
+
+def engine_order_step(model, optimizer, schedule, step: int, x1, x2) -> dict:
+    """One optimizer step of ours in the engine's order (the schedule's rate, the EMA, forward, backward):
+    what the per-step comparisons with a plain re-implementation run on our side."""
+    schedule.apply(optimizer, step)
+    model.momentum_update()
+    out = model(x1, x2)
+    optimizer.zero_grad()
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
+def assert_outputs_close(out: dict, expected: dict, step: int,
+                         keys=("loss", "ssl_loss", "rationale_loss", "gradcam", "attention")) -> None:
+    for key in keys:
+        torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
 
 
 def write_folder(root: str | os.PathLike, classes: int = 3, per_class: int = 4, size: int = 40,

@@ -11,7 +11,7 @@ from lcr_fast.models.rationale import per_image_unit
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule, reference_train_step
 
-from helpers import tiny_config
+from helpers import assert_outputs_close, engine_order_step, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,15 +89,8 @@ def test_training_steps_equal_the_reference(tmp_path):
     for step in range(2):
         x1, x2 = _views(seed=10 + step)
         expected = reference_train_step(ref, ref_opt, ref_sched, x1, x2)
-        sched.apply(opt, step)
-        ours.momentum_update()
-        out = ours(x1, x2)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        for key in ("loss", "ssl_loss", "rationale_loss", "gradcam", "attention"):
-            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6,
-                                       msg=f"step {step}: {key}")
+        out = engine_order_step(ours, opt, sched, step, x1, x2)
+        assert_outputs_close(out, expected, step)
         ours_state = reference_state_dict(ours)
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")

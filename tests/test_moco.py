@@ -14,7 +14,7 @@ from lcr_fast.models import build_model
 from lcr_fast.models.moco import MoCo
 from lcr_fast.optim import CosineEpochSchedule, WarmupCosineSchedule, build_optimizer, build_schedule
 
-from helpers import REPO, tiny_config
+from helpers import REPO, assert_outputs_close, engine_order_step, tiny_config
 from moco_reference import RefMoCo, reference_file, reference_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,16 +220,9 @@ def test_training_steps_equal_the_reference(tmp_path):
         x1, x2 = _views(seed=10 + step)
         torch.manual_seed(100 + step)  # the shuffle's permutation: both draw it from the CPU generator
         expected = reference_step(ref, ref_opt, x1, x2)
-        sched.apply(opt, step)
-        ours.momentum_update()
         torch.manual_seed(100 + step)
-        out = ours(x1, x2)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        for key in ("loss", "ssl_loss", "rationale_loss", "gradcam"):
-            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6,
-                                       msg=f"step {step}: {key}")
+        out = engine_order_step(ours, opt, sched, step, x1, x2)
+        assert_outputs_close(out, expected, step, keys=("loss", "ssl_loss", "rationale_loss", "gradcam"))
         # min-max normalisation magnifies the few-ulp differences SGD leaves in conv16/bn16
         torch.testing.assert_close(out["attention"].detach(), expected["attention"], rtol=1e-4, atol=2e-5)
         ours_state = reference_state_dict(ours)

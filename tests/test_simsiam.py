@@ -11,7 +11,7 @@ from lcr_fast.models import build_model
 from lcr_fast.models.simsiam import SimSiam
 from lcr_fast.optim import CosineEpochSchedule, build_optimizer, build_schedule
 
-from helpers import REPO, tiny_config
+from helpers import REPO, assert_outputs_close, engine_order_step, tiny_config
 from simsiam_reference import RefSimSiam, adjust_learning_rate, reference_name, sgd, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,17 +74,10 @@ def test_training_steps_equal_a_plain_reimplementation():
         x1, x2 = _views(seed=20 + step)
         adjust_learning_rate(ref_opt, init_lr, step // STEPS_PER_EPOCH, EPOCHS)
         expected = train_step(ref, ref_opt, x1, x2)
-        sched.apply(opt, step)
-        ours.momentum_update()
-        out = ours(x1, x2)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+        out = engine_order_step(ours, opt, sched, step, x1, x2)
         lrs.append([g["lr"] for g in opt.param_groups])
         assert lrs[-1] == [g["lr"] for g in ref_opt.param_groups]
-        for key in ("loss", "ssl_loss", "rationale_loss", "gradcam", "attention"):
-            torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-5, atol=1e-6,
-                                       msg=f"step {step}: {key}")
+        assert_outputs_close(out, expected, step)
         theirs = ref.state_dict()
         for key, value in ours.state_dict().items():
             torch.testing.assert_close(value, theirs[reference_name(key)], rtol=1e-5, atol=1e-6,
