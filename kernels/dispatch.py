@@ -151,7 +151,7 @@ def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
 def planning_for_gpu(sm_count: int) -> Iterator[GPUPlan]:
     """Within the block, launches are planned as on a GPU with ``sm_count`` SMs, CPU tensors' too.
 
-    For ahead-of-time compile checks (``lcr_fast.aot``), which record a GPU's launches on a machine
+    For ahead-of-time compile checks (``lcr_fast.kernel_aot``), which record a GPU's launches on a machine
     without one and intercept them: a kernel that ran so would lack the interpreter's workarounds.
     """
     token = _PLAN.set(GPUPlan(int(sm_count)))
