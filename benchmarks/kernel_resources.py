@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_resources.py [--arch 80 90] [--json PATH]
 
-No GPU needed. The launches come from BYOL and MoCo training steps, ``model.extract`` and the
+No GPU needed. The launches come from every registered method's training steps, ``model.extract`` and the
 rationale features' backward at 224 px and batch 128 (and 16 per GPU of 8), fp32 and bf16 autocast,
 both memory formats, the reference's quirks and the corrected behaviours (``record_workloads`` in
 lcr_fast.kernel_aot). Each is compiled for sm_80 and sm_90 with Triton's compiler; registers and

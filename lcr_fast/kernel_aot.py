@@ -11,7 +11,7 @@ tests prove nothing about the GPU build. Here:
   of signatures cannot drift from them. It intercepts each launch instead of running the kernel and
   specialises its arguments as Triton's JIT does (``tl.constexpr`` values, integers equal to 1 folded
   in, multiples of 16 and 16-byte aligned pointers marked).
-* ``record_workloads`` runs BYOL and MoCo training steps and ``model.extract`` at the paper's shapes
+* ``record_workloads`` runs every registered method's training steps and ``model.extract`` at the paper's shapes
   on fake tensors (shapes, dtypes and strides without data): the models' own heads, rationale
   detector and kernel calls, with the launch plans made for an A100 or H100 (``planning_for_gpu``).
 * ``compile_launches`` compiles them in a child process with TRITON_INTERPRET unset (under the
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from lcr_fast import kernels
+from lcr_fast import kernels, methods
 from lcr_fast.config import DEFAULTS, load_config
 from lcr_fast.engine import autocast
 from lcr_fast.kernels import dispatch
@@ -183,7 +183,7 @@ def recording(kernels: Iterable[Any]) -> Iterator[list[Launch]]:
 class Workload:
     """A training step or a ``model.extract`` call of a model as the paper trains it."""
 
-    model: str  # byol | moco
+    model: str  # a method's name (lcr_fast.methods)
     kind: str  # step | extract
     batch: int  # per GPU
     precision: str  # fp32 | bf16 (autocast, as engine.precision)
@@ -191,13 +191,10 @@ class Workload:
     fixes: bool  # every config.fixes switch on (the corrected behaviours) instead of the reference's quirks
 
 
-# The paper's models (BYOL: ResNet-50 without the stem max-pool, layer4 14x14 at 224 px; MoCo v2:
-# ResNet-50, 7x7) with everything else at the config defaults: heads, detector of 32 channels, queue
-# K = 65536 of dim 256.
-PAPER_MODELS = {
-    "byol": {"name": "byol", "backbone": "resnet50_cub200", "pretrained": "none"},
-    "moco": {"name": "moco", "backbone": "resnet50", "maxpool": True, "pretrained": "none"},
-}
+# Every registered method's model as the paper's runs train it (BYOL: ResNet-50 without the stem max-pool,
+# layer4 14x14 at 224 px; MoCo v2 and SimSiam: ResNet-50, 7x7), everything else at the config defaults:
+# heads, detector of 32 channels, MoCo's queue K = 65536 of dim 256, SimSiam's 2048-d projections.
+PAPER_MODELS = {name: dict(methods.get(name).paper_model) for name in methods.names()}
 IMAGE_SIZE = 224
 # Training: batch 128 on one GPU, or split over 8. Extract: the linear probe's 256, the training batch,
 # and the last, partial batch of an epoch (any size: an odd one, a single image).

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles to cubin for sm_80 and sm_90 at every launch the paper's runs make.
 
-The interpreter tests run code that the compiler may refuse; here the launches of BYOL and MoCo
-training steps and of ``model.extract`` (224 px, batch 128 and 16 per GPU, fp32 and bf16 autocast,
+The interpreter tests run code that the compiler may refuse; here the launches of every registered
+method's training steps and of ``model.extract`` (224 px, batch 128 and 16 per GPU, fp32 and bf16 autocast,
 both memory formats, reference and corrected modes) are recorded
 from the ops' own launchers and compiled with Triton's compiler and the wheel's ptxas, with no GPU
 (lcr_fast.kernel_aot).
@@ -68,6 +68,8 @@ def test_recording_sees_the_papers_shapes_and_dtypes(launches):
     assert _constexprs(got, "_infonce_fwd_kernel", "PREC") == {"tf32x3"}
     assert _types(got, "_infonce_fwd_kernel", "queue_ptr") == {"*fp32"}
     assert _constexprs(got, "_kl_fwd_kernel", "BLOCK_N") == {256, 16, 64}
+    # the symmetric cosine over BYOL's 256-d and SimSiam's 2048-d projections
+    assert _constexprs(got, "_byol_fwd_kernel", "BLOCK_D") == {256, 2048}
 
 
 def test_every_launch_compiles(launches):

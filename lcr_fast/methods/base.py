@@ -63,8 +63,11 @@ class Method:
     ``keys``: its ``model.*`` config keys. ``fixed_lr``: parameter-name prefixes that form the optimizer's
     "predictor" group, which every schedule keeps at its base rate (the SGD / AdamW groups; LARS splits by
     layer type). ``reference``: the layout of its reference checkpoints, None where it has none.
-    ``final_linear_eval``: None when the trainer runs the reference's linear evaluation after training
-    (BYOL's main.py), else why it does not. ``linear_protocol``: lcr-eval's default linear protocol.
+    ``paper_model``: the ``model`` config section of its model at the paper's scale (pretrained "none": the
+    weights do not matter), whose kernel launches the ahead-of-time compile check records
+    (``lcr_fast.kernel_aot``). ``final_linear_eval``: None when the trainer runs the reference's linear
+    evaluation after training (BYOL's main.py), else why it does not. ``linear_protocol``: lcr-eval's default
+    linear protocol.
     ``batch_error(model_section, global_batch)``: why a global batch (the keys of one step enqueued over all
     ranks) does not fit the model's configuration, None when it does.
     """
@@ -75,6 +78,7 @@ class Method:
     recipe: str
     keys: ConfigKeys
     linear_protocol: str
+    paper_model: Mapping[str, Any]
     final_linear_eval: str | None = None
     fixed_lr: tuple[str, ...] = ()
     reference: ReferenceLayout | None = None

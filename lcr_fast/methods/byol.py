@@ -30,6 +30,7 @@ METHOD = Method(
     keys=ConfigKeys({"proj_hidden_dim": 4096, "proj_dim": 256, "ema_tau": 0.996},
                     integers=("proj_hidden_dim", "proj_dim"), fractions=("ema_tau",)),
     linear_protocol="lcr",
+    paper_model={"name": "byol", "backbone": "resnet50_cub200", "pretrained": "none"},  # layer4 14x14 at 224 px
     fixed_lr=("predictor.",),  # the reference's SGD: the predictor's group stays at the base rate
     reference=ReferenceLayout(
         prefixes=(("backbone.", ("backbone.", "online_encoder.0.")),

@@ -61,6 +61,7 @@ METHOD = Method(
         {"moco_dim": 256, "moco_k": 65536, "moco_m": 0.999, "moco_t": 0.2, "moco_mlp": True},
         integers=("moco_dim", "moco_k"), fractions=("moco_m",), positives=("moco_t",), flags=("moco_mlp",)),
     linear_protocol="cached",
+    paper_model={"name": "moco", "backbone": "resnet50", "maxpool": True, "pretrained": "none"},  # layer4 7x7
     final_linear_eval="the reference's MoCo (main_moco.py) runs no linear evaluation after training; "
                       "lcr-eval --protocol linear --linear_protocol reference runs its main_lincls.py",
     reference=ReferenceLayout(

@@ -19,6 +19,7 @@ METHOD = Method(
     # builder.py's dim (the projector's output) and pred_dim (the predictor's hidden width)
     keys=ConfigKeys({"simsiam_dim": 2048, "simsiam_pred_dim": 512}, integers=("simsiam_dim", "simsiam_pred_dim")),
     linear_protocol="cached",
+    paper_model={"name": "simsiam", "backbone": "resnet50", "maxpool": True, "pretrained": "none"},
     final_linear_eval="SimSiam's main_simsiam.py runs no linear evaluation after training; "
                       "lcr-eval --protocol linear runs one on the checkpoint",
     fixed_lr=("predictor.",),  # main_simsiam.py --fix-pred-lr
