@@ -108,7 +108,6 @@ def main() -> int:
 
     from lcr_fast.kernels import BACKEND
 
-    BACKEND.select("triton")
     dtype, dev = getattr(torch, args.dtype), "cuda"
     rows = []
     header = (f"{'op/shape':24s} {'mode':8s} {'eager ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'GB/s':>7s} "
@@ -124,14 +123,15 @@ def main() -> int:
         print(f"{name:24s} {mode:8s} {t_e:9.4f} {t_f:9.4f} {row['speedup']:7.2f}x {row['fused_gbps']:7.0f} "
               f"{row['eager_peak_mb']:9.1f} {row['fused_peak_mb']:9.1f}", flush=True)
 
-    for name, fused_fn, eager_fn, inputs, wrt, nbytes in _cases(dtype, dev):
-        fused, eager = _modes(fused_fn, inputs, wrt), _modes(eager_fn, inputs, wrt)
-        moved = {"fwd": nbytes, "bwd": nbytes + _nbytes(*wrt)}
-        moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
-        for mode in fused:
-            record(name, mode, fused[mode], eager[mode], moved[mode])
-    fused, eager, nbytes = _ema_case(dev)
-    record("ema_update/resnet50", "update", fused, eager, nbytes)
+    with BACKEND.using("triton"):  # the fused kernels, whatever LCR_KERNELS says
+        for name, fused_fn, eager_fn, inputs, wrt, nbytes in _cases(dtype, dev):
+            fused, eager = _modes(fused_fn, inputs, wrt), _modes(eager_fn, inputs, wrt)
+            moved = {"fwd": nbytes, "bwd": nbytes + _nbytes(*wrt)}
+            moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
+            for mode in fused:
+                record(name, mode, fused[mode], eager[mode], moved[mode])
+        fused, eager, nbytes = _ema_case(dev)
+        record("ema_update/resnet50", "update", fused, eager, nbytes)
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -106,15 +106,15 @@ class KernelBackend:
 
     @contextlib.contextmanager
     def using(self, mode: str | None = None) -> Iterator["KernelBackend"]:
-        """Within the block, ``mode`` (if given) whatever ``LCR_KERNELS`` says; afterwards the modes and
-        the disabled ops as they were."""
-        saved = self._scoped, dict(self._disabled)
+        """Within the block, ``mode`` (if given) whatever ``LCR_KERNELS`` says; afterwards the selected and
+        scoped modes and the disabled ops as they were."""
+        saved = self._selected, self._scoped, dict(self._disabled)
         if mode is not None:
             self._scoped = _valid_mode(mode, "kernels.backend")
         try:
             yield self
         finally:
-            self._scoped, self._disabled = saved
+            self._selected, self._scoped, self._disabled = saved
 
     def use_triton(self, x: torch.Tensor, op: str | None = None) -> bool:
         """True when ``op`` on tensor ``x`` should run the Triton kernel."""

@@ -178,9 +178,8 @@ def seed_process(seed: int) -> None:
 
 def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     """Join the process group, then what needs the device: its checks, the precision and the seeds."""
-    # The config's choice; LCR_KERNELS, the user's override, still wins, and a bad value of it fails here.
+    # The config's choice; LCR_KERNELS, the user's override, still wins (a bad value of it fails the self-check).
     kernels.BACKEND.select(cfg.kernels.backend)
-    kernels.requested_mode(cfg.kernels.backend)
     launch = eng.resolve_launch(args.local_rank)
     # Every rank says what it was told before it joins: a group that never forms leaves that trace.
     print(launch.describe(), flush=True)

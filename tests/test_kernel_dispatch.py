@@ -76,6 +76,15 @@ def test_the_mode_is_the_backends_and_using_restores_it(monkeypatch):
     assert dispatch.BACKEND.mode == before
 
 
+def test_a_selection_inside_a_using_block_is_undone_after_it():
+    backend = dispatch.KernelBackend("auto", environ={})
+    with backend.using():
+        backend.select("torch")
+        backend.disable("gradcam", "failed its check")
+        assert backend.mode == "torch"
+    assert backend.mode == "auto" and backend.disabled() == {}
+
+
 def test_a_fresh_process_takes_the_environment_variable():
     code = "import lcr_fast.kernels as K; print(K.BACKEND.mode, K.kernel_mode())"
     env = {**{k: v for k, v in os.environ.items() if k != "LCR_KERNELS"}, "LCR_KERNELS": "torch"}
