@@ -2,13 +2,13 @@
 
 Each method declares its layout (``lcr_fast.methods.<name>``'s ``ReferenceLayout``: key prefixes, the
 signature key, the unused tensors, the config of a file's shapes, and what an export adds); the
-machinery here reads and writes any of them. A method without one has no reference
-file.
+machinery here reads and writes any of them. A method without one has no reference file.
 
 BYOL: the reference saves ``{'epoch', 'state_dict'}``. Its BYOL module registers the backbone and projector
 twice (``backbone.*`` and ``online_encoder.0.*`` are one tensor), names the EMA target
 ``target_encoder.{0,1}`` and the rationale detector ``conv16``/``bn16``. Ours names them
-``target_backbone``, ``target_projector`` and ``rationale.{conv,bn}``; the tables below translate.
+``target_backbone``, ``target_projector`` and ``rationale.{conv,bn}``; its layout (lcr_fast.methods.byol)
+translates.
 
 MoCo: ``main_moco.py`` saves ``checkpoint_XXXX.pth.tar`` = ``{'epoch', 'arch', 'state_dict', 'optimizer'}``
 from its DDP module (every key ``module.``-prefixed). ``encoder_q``/``encoder_k`` (``.fc`` the head) are
@@ -33,16 +33,12 @@ from torch import nn
 
 from . import methods
 from .checkpoint import atomic_save, safe_load
-from .errors import UserError
 from .config import Config, load_config
+from .errors import UserError
 from .methods.base import load
 
-# Views of the layouts the methods declare, by method name.
+# The layouts the methods declare, by method name.
 _LAYOUTS = {name: methods.get(name).reference for name in methods.with_reference_layout()}
-PREFIXES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    name: list(layout.prefixes) for name, layout in _LAYOUTS.items()}
-SIGNATURES = {name: layout.signature for name, layout in _LAYOUTS.items()}
-UNUSED: dict[str, tuple[str, ...]] = {name: layout.unused for name, layout in _LAYOUTS.items()}
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -50,14 +46,14 @@ class CheckpointMismatchError(UserError, ValueError):
 
 
 def _to_reference_key(key: str, method: str) -> list[str]:
-    for ours, refs in PREFIXES[method]:
+    for ours, refs in _LAYOUTS[method].prefixes:
         if key.startswith(ours):
             return [ref + key[len(ours):] for ref in refs]
     raise KeyError(f"no reference name for parameter {key!r}")
 
 
 def _is_unused(ref_key: str, method: str) -> bool:
-    return any(ref_key == u or (u.endswith(".") and ref_key.startswith(u)) for u in UNUSED[method])
+    return any(ref_key == u or (u.endswith(".") and ref_key.startswith(u)) for u in _LAYOUTS[method].unused)
 
 
 def _from_reference(state: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
@@ -65,7 +61,7 @@ def _from_reference(state: dict[str, torch.Tensor], method: str) -> dict[str, to
     for ref_key, value in state.items():
         if _is_unused(ref_key, method):
             continue
-        for ours, refs in PREFIXES[method]:
+        for ours, refs in _LAYOUTS[method].prefixes:
             if ref_key.startswith(refs[0]):
                 out[ours + ref_key[len(refs[0]):]] = value
                 break
@@ -88,8 +84,8 @@ def read_reference_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
 
 
 def _detect_method(state: dict) -> str | None:
-    for method, prefix in SIGNATURES.items():
-        if any(k.startswith(prefix) for k in state):
+    for method, layout in _LAYOUTS.items():
+        if any(k.startswith(layout.signature) for k in state):
             return method
     return None
 
@@ -130,15 +126,15 @@ def load_reference_checkpoint(path: str | os.PathLike, method: str, config: Conf
     """
     from .models import build_model
 
-    if method not in PREFIXES:
-        raise ValueError(f"method must be one of {sorted(PREFIXES)}, got {method!r}")
+    if method not in _LAYOUTS:
+        raise ValueError(f"method must be one of {sorted(_LAYOUTS)}, got {method!r}")
     state, _ = read_reference_checkpoint(path)
     found = _detect_method(state)
     if found is not None and found != method:
         raise CheckpointMismatchError(f"{os.fspath(path)!r} is a {found} checkpoint, not {method}")
     if found is None:
         raise CheckpointMismatchError(f"{os.fspath(path)!r} has none of the reference's {method} keys "
-                                      f"(e.g. {SIGNATURES[method]}*)")
+                                      f"(e.g. {_LAYOUTS[method].signature}*)")
     cfg = config if config is not None else _config_for(state, method)
     model = build_model(cfg)
     load_state_strict(model, _from_reference(state, method), os.fspath(path))

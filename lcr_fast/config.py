@@ -136,7 +136,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-
 def _add_method_keys(model: dict) -> None:
     """Every method's ``model.*`` keys with their defaults, after the shared ones: one namespace, so a
     key two methods declare is an error here rather than a silent overwrite."""

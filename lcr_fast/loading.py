@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .checkpoint import safe_load
-from .compat import SIGNATURES, CheckpointMismatchError, load_reference_checkpoint, load_state_strict
+from . import methods
+from .compat import CheckpointMismatchError, load_reference_checkpoint, load_state_strict
 from .config import Config, load_config
 from .errors import USER_ERRORS, InputError
 
@@ -39,7 +40,7 @@ def load_model(path: str | os.PathLike, method: str | None = None,
         return model, saved
     if method is None:
         raise ValueError(f"{path!r} is not an lcr-fast checkpoint: say which method it holds "
-                         f"({' or '.join(SIGNATURES)})")
+                         f"({' or '.join(methods.with_reference_layout())})")
     cfg = without_pretrained(config) if config is not None else None
     model = load_reference_checkpoint(path, method, config=cfg)
     return model, cfg if cfg is not None else load_config(None, {"model": {"name": method, "pretrained": "none"}})

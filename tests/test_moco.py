@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lcr_fast.compat import UNUSED, export_reference_checkpoint, load_reference_checkpoint, reference_state_dict
+from lcr_fast import methods
+from lcr_fast.compat import export_reference_checkpoint, load_reference_checkpoint, reference_state_dict
 from lcr_fast.config import ConfigError, load_config
 from lcr_fast.kernels import BACKEND
-from lcr_fast.methods.moco import check_queue_size
+from lcr_fast.methods.moco import queue_size_error
 from lcr_fast.models import build_model
 from lcr_fast.models.moco import MoCo
 from lcr_fast.optim import CosineEpochSchedule, WarmupCosineSchedule, build_optimizer, build_schedule
@@ -18,6 +19,8 @@ from helpers import REPO, assert_outputs_close, engine_order_step, tiny_config
 from moco_reference import RefMoCo, reference_file, reference_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# The reference's max-branch tensors, which no loss reads (its declared checkpoint layout).
+MOCO_UNUSED = methods.get("moco").reference.unused
 
 B, DIM, K, H, W = 4, 16, 24, 48, 80  # ResNet-18 with max-pool: layer4 is 2 x 3, so rows and columns differ
 
@@ -146,13 +149,12 @@ def test_momentum_update_is_bit_exact():
     assert all(not p.requires_grad for p in model.key_parameters())
 
 
-def test_check_queue_size():
-    check_queue_size(65536, 128)
-    check_queue_size(24, 4)
+def test_the_queue_takes_whole_global_batches():
+    assert queue_size_error(65536, 128) is None and queue_size_error(24, 4) is None
     with pytest.raises(ValueError, match=r"moco_k=65500 .* global batch train.batch_size=128.*65408, 65536"):
-        check_queue_size(65500, 128)
+        moco_config(model={"moco_k": 65500}, train={"batch_size": 128})
     with pytest.raises(ConfigError, match="Nearby valid sizes: 128, 256"):
-        check_queue_size(100, 128)
+        moco_config(model={"moco_k": 100}, train={"batch_size": 128})
     model = build_model(moco_config())
     with pytest.raises(ValueError, match="not a multiple"):
         model._enqueue(torch.zeros(5, DIM))
@@ -198,7 +200,7 @@ def test_fresh_model_exports_a_file_the_reference_loads(tmp_path):
     assert int(a["state_dict"]["module.queue_ptr_max"]) == 8
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), f"{key} is not deterministic"
-    unused = [k for k in a["state_dict"] if any(k[len("module."):].startswith(u) for u in UNUSED["moco"])]
+    unused = [k for k in a["state_dict"] if any(k[len("module."):].startswith(u) for u in MOCO_UNUSED)]
     assert len(unused) == 18  # queue_max, queue_ptr_max, conv16_2, bn16_2 (5), fc (2), qmax (4), kmax (4)
 
 
@@ -227,7 +229,7 @@ def test_training_steps_equal_the_reference(tmp_path):
         torch.testing.assert_close(out["attention"].detach(), expected["attention"], rtol=1e-4, atol=2e-5)
         ours_state = reference_state_dict(ours)
         for key, value in ref.state_dict().items():
-            if any(key == u or key.startswith(u) for u in UNUSED["moco"]):
+            if any(key == u or key.startswith(u) for u in MOCO_UNUSED):
                 continue  # the max branch: no loss reads it
             torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
     assert opt.param_groups[0]["lr"] == 0.03
@@ -263,7 +265,7 @@ def test_cosine_epoch_schedule_and_unscaled_lr():
 def test_moco_configs_load_and_have_valid_queues(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.model.name == "moco" and cfg.train.schedule == "cosine_epoch" and cfg.train.scale_lr is False
-    check_queue_size(cfg.model.moco_k, cfg.train.batch_size)
+    assert queue_size_error(cfg.model.moco_k, cfg.train.batch_size) is None
     if name != "moco_demo":
         assert (cfg.model.backbone, cfg.model.maxpool, cfg.model.pretrained) == ("resnet50", True, "imagenet")
         recipe = (cfg.train.base_lr, cfg.train.batch_size, cfg.model.moco_t, cfg.model.moco_dim, cfg.model.moco_k)

@@ -72,11 +72,11 @@ def _worker(rank: int, port: int) -> None:
         dist.all_gather(queues, model.queue)
         assert torch.equal(queues[0], queues[1])
 
-        # broadcast_queue makes differently initialised queues rank 0's.
+        # broadcast_state makes differently initialised queues rank 0's.
         with torch.no_grad():
             model.queue.normal_()
             model.queue_ptr.fill_(rank)
-        model.broadcast_queue()
+        model.broadcast_state()
         dist.all_gather(queues, model.queue)
         assert torch.equal(queues[0], queues[1]) and int(model.queue_ptr) == 0
     finally:

@@ -22,15 +22,6 @@ def queue_size_error(K: Any, global_batch: int) -> str | None:
             f"refilled one global batch at a time. Nearby valid sizes: {', '.join(map(str, sizes))}")
 
 
-def check_queue_size(K: int, global_batch: int) -> None:
-    """Raise ConfigError when the queue does not take a whole number of global batches."""
-    from lcr_fast.config import ConfigError  # the config module reads this one: imported when called
-
-    error = queue_size_error(K, global_batch)
-    if error:
-        raise ConfigError(error)
-
-
 def reference_config(state: Mapping[str, Any], shape: Callable[[str], tuple]) -> dict:
     """A model of the file's shapes: a standard ResNet-50 or -18 with the stem max-pool, head, queue."""
     # layer4's first conv reads 1024 channels in a ResNet-50, 256 in a ResNet-18.

@@ -98,15 +98,12 @@ class MoCo(LCRModel):
         ema_update(self.key_parameters(), self.query_parameters(), self.m)
 
     @torch.no_grad()
-    def broadcast_queue(self, src: int = 0) -> None:
+    def broadcast_state(self, src: int = 0) -> None:
         """Give every rank rank ``src``'s queue and pointer. Each rank draws its initial queue from its own
         seed and DeepSpeed broadcasts parameters only (the reference's DDP broadcasts buffers)."""
         if _world()[0] > 1:
             dist.broadcast(self.queue, src)
             dist.broadcast(self.queue_ptr, src)
-
-    def broadcast_state(self, src: int = 0) -> None:
-        self.broadcast_queue(src)
 
     @torch.no_grad()
     def _track_rationale_bn(self, feat: torch.Tensor) -> None:
