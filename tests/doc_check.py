@@ -107,8 +107,8 @@ def _starts_like_ours(text: str) -> bool:
 def inline_commands(path: str, text: str) -> list[Command]:
     """Inline code spans in prose that start like one of our commands (the benchmark tables' commands); they are
     often fragments, so options a complete command would need may be missing."""
-    return [Command(path, number, span.strip(), fragment=True) for number, line in _prose(text, keep_code=True)
-            for span in re.findall(r"`([^`]+)`", line) if _names_ours(span.strip())]
+    spans = [(number, " ".join(m.group(1).split())) for number, m in _matches(text, r"`([^`]+)`")]
+    return [Command(path, number, span, fragment=True) for number, span in spans if _names_ours(span)]
 
 
 def _names_ours(span: str) -> bool:
@@ -378,17 +378,39 @@ def heading_anchors(text: str) -> set[str]:
     return anchors
 
 
-def _prose(text: str, keep_code: bool = False) -> list[tuple[int, str]]:
-    """(line number, line) outside fenced blocks, with inline code removed unless ``keep_code`` (links there are
-    not links)."""
-    lines, in_fence = [], False
+def _paragraphs(text: str) -> list[tuple[int, str]]:
+    """(line number of its first line, text) of each paragraph outside fenced blocks: an inline code span or a
+    link may wrap onto the next line."""
+    paragraphs, current, first, in_fence = [], [], 0, False
     for number, line in enumerate(text.splitlines(), 1):
-        if FENCE.match(line):
-            in_fence = not in_fence
+        fence = bool(FENCE.match(line))
+        in_fence ^= fence
+        if fence or in_fence or not line.strip():
+            if current:
+                paragraphs.append((first, "\n".join(current)))
+            current = []
             continue
-        if not in_fence:
-            lines.append((number, line if keep_code else re.sub(r"`[^`]*`", "", line)))
-    return lines
+        if not current:
+            first = number
+        current.append(line)
+    if current:
+        paragraphs.append((first, "\n".join(current)))
+    return paragraphs
+
+
+def _without_code(paragraph: str) -> str:
+    """Inline code blanked out, newlines kept: a link inside code is not a link."""
+    return re.sub(r"`[^`]*`", lambda m: re.sub(r"[^\n]", " ", m.group(0)), paragraph)
+
+
+def _matches(text: str, pattern: str | re.Pattern, in_code: bool = True) -> list[tuple[int, re.Match]]:
+    """Each match of ``pattern`` in the paragraphs of ``text`` (outside inline code unless ``in_code``), with
+    the line it starts on."""
+    found = []
+    for first, paragraph in _paragraphs(text):
+        searched = paragraph if in_code else _without_code(paragraph)
+        found += [(first + searched[:m.start()].count("\n"), m) for m in re.finditer(pattern, searched)]
+    return found
 
 
 def check_links(path: str, text: str | None = None) -> list[str]:
@@ -398,21 +420,21 @@ def check_links(path: str, text: str | None = None) -> list[str]:
         with open(path) as f:
             text = f.read()
     problems = []
-    for number, line in _prose(text):
-        for target in LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
-                continue  # https:, mailto:: not ours to resolve offline
-            file_part, _, anchor = target.partition("#")
-            where = f"{os.path.relpath(path, REPO)}:{number}: link {target!r}"
-            if not file_part:
-                if anchor not in heading_anchors(text):
-                    problems.append(f"{where}: no heading #{anchor} on this page")
-                continue
-            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part))
-            if not os.path.exists(resolved):
-                problems.append(f"{where}: no such file {os.path.relpath(resolved, REPO)}")
-            elif anchor and resolved.endswith(".md"):
-                with open(resolved) as f:
-                    if anchor not in heading_anchors(f.read()):
-                        problems.append(f"{where}: no heading #{anchor} in {os.path.relpath(resolved, REPO)}")
+    for number, match in _matches(text, LINK, in_code=False):
+        target = match.group(1)
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # https:, mailto:: not ours to resolve offline
+        file_part, _, anchor = target.partition("#")
+        where = f"{os.path.relpath(path, REPO)}:{number}: link {target!r}"
+        if not file_part:
+            if anchor not in heading_anchors(text):
+                problems.append(f"{where}: no heading #{anchor} on this page")
+            continue
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+        if not os.path.exists(resolved):
+            problems.append(f"{where}: no such file {os.path.relpath(resolved, REPO)}")
+        elif anchor and resolved.endswith(".md"):
+            with open(resolved) as f:
+                if anchor not in heading_anchors(f.read()):
+                    problems.append(f"{where}: no heading #{anchor} in {os.path.relpath(resolved, REPO)}")
     return problems

@@ -99,19 +99,23 @@ def test_checker_reads_only_commands():
 
 
 def test_checker_reads_inline_commands_that_run_ours():
-    text = "Measured with `python benchmarks/retrieval_bench.py --repets 5`; `deepspeed --num_gpus` is a flag.\n"
+    text = ("Measured with `python benchmarks/retrieval_bench.py --repets 5`; `deepspeed --num_gpus` is a flag.\n"
+            "\nA span may wrap: `lcr-eval --ckpt x.pt\n--data_dir d --knn-k 20`.\n")
     problems = check_commands(FAKE, text)
-    assert len(problems) == 1 and "docs/fake.md:1:" in problems[0] and "--repets" in problems[0], problems
+    assert len(problems) == 2, problems
+    assert "docs/fake.md:1:" in problems[0] and "--repets" in problems[0], problems
+    assert "docs/fake.md:3: `lcr-eval --ckpt x.pt --data_dir d --knn-k 20`" in problems[1], problems
 
 
 def test_link_checker_finds_missing_files_and_anchors():
     text = ("# Top\n\n## Two words\n\n[ok](#two-words) [ok](../README.md#quickstart) ![ok](speedups.png)\n"
             "[bad](missing.md) and [bad anchor](#three-words) and ![bad](nothing.png) `[not a link](x.md)`\n"
-            "[web](https://example.org/x)\n")
+            "[web](https://example.org/x)\n\n```\n[in a block](x.md)\n```\n\nA link may [wrap\nits text](gone.md).\n")
     problems = check_links(FAKE, text)
-    assert len(problems) == 3, problems
-    assert all(p.startswith("docs/fake.md:6: link") for p in problems), problems
+    assert len(problems) == 4, problems
+    assert all(p.startswith("docs/fake.md:6: link") for p in problems[:3]), problems
     assert "missing.md" in problems[0] and "#three-words" in problems[1] and "nothing.png" in problems[2]
+    assert problems[3].startswith("docs/fake.md:13: link 'gone.md'"), problems[3]
 
 
 def test_heading_anchors_follow_github():
