@@ -17,7 +17,13 @@ def _ids(paths: list[str]) -> list[str]:
 
 
 def test_readme_is_a_front_page():
-    assert os.path.getsize(os.path.join(REPO, "README.md")) <= README_LIMIT
+    readme = os.path.join(REPO, "README.md")
+    assert os.path.getsize(readme) <= README_LIMIT
+    with open(readme) as f:
+        text = f.read()
+    assert "quickstart" in heading_anchors(text)
+    commands = [c.text for c in shell_commands(readme, text)]
+    assert commands[:2] == ["make demo", "make test"], commands
 
 
 def test_docs_pages_exist():
