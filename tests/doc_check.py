@@ -173,14 +173,17 @@ def _script_invocation(script: str, args: list[str]) -> Invocation | None:
 
 def _launcher_invocation(tokens: list[str]) -> Invocation:
     """``deepspeed`` and ``torchrun``: their own parsers check their flags and say where our script starts."""
-    if tokens[0] == "deepspeed":
-        from deepspeed.launcher.runner import parse_args
-        parsed = parse_args(tokens[1:])
-        target, module, args = parsed.user_script, parsed.module, parsed.user_args
-    else:
-        from torch.distributed.run import get_args_parser
-        parsed = get_args_parser().parse_args(tokens[1:])
-        target, module, args = parsed.training_script, parsed.module, parsed.training_script_args
+    try:
+        if tokens[0] == "deepspeed":
+            from deepspeed.launcher.runner import parse_args
+            parsed = parse_args(tokens[1:])
+            target, module, args = parsed.user_script, parsed.module, parsed.user_args
+        else:
+            from torch.distributed.run import get_args_parser
+            parsed = get_args_parser().parse_args(tokens[1:])
+            target, module, args = parsed.training_script, parsed.module, parsed.training_script_args
+    except DocError as exc:
+        raise DocError(f"{tokens[0]}: {exc}") from exc
     if module:
         return Invocation(args, module=target)
     found = _script_invocation(target, args)
@@ -272,7 +275,7 @@ def check_config(config: str | None, overrides: list[str]) -> None:
 
 
 def _raise_instead_of_exit(self: argparse.ArgumentParser, message: str) -> None:
-    raise DocError(f"{self.prog}: {message}")
+    raise DocError(message)
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str], elided: bool) -> argparse.Namespace | None:
@@ -310,7 +313,10 @@ def check_invocation(call: Invocation, fragment: bool = False) -> None:
         parser = _script_module(call.script).build_parser()
     else:
         parser = _module_parser(call.module)
-    parsed = _parse(parser, args, elided)
+    try:
+        parsed = _parse(parser, args, elided)
+    except DocError as exc:
+        raise DocError(f"{call.module or call.script}: {exc}") from exc
     if parsed is None:
         return
     if call.module == "lcr_fast.train":
