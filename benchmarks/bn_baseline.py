@@ -78,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print("| seed | kNN top-1 untrained | kNN top-1 untrained, BatchNorm statistics of the training images |")
     print("| --- | --- | --- |")
     for seed in args.seeds:

@@ -72,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     model, config = load_model(args.ckpt)
     view1, view2 = training_views(args.data_dir, recipe_for(config), config.dataset.image_size, args.n, args.seed)
     stats = kl_target_stats(model, view1, view2)

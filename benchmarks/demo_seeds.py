@@ -70,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    p = build_parser()
-    args = p.parse_args()
+    args = build_parser().parse_args()
     data = os.path.join(args.out, "data")
     if not os.path.isdir(os.path.join(data, "train")):
         write_dataset(data, **DEMO)

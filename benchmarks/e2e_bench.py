@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    p = build_parser()
-    args = p.parse_args()
+    args = build_parser().parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args)))
         return

@@ -105,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    ap = build_parser()
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU; none found, nothing to measure.")
         return 0

@@ -28,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
+    args = build_parser().parse_args()
 
     launches = aot.record_workloads(archs=args.arch)
     compiled = aot.compile_launches(launches, resources=True)

@@ -77,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
+    args = build_parser().parse_args()
 
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(args.n, args.dim, generator=generator), dim=1).to(args.device)

@@ -107,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    p = build_parser()
-    args = p.parse_args()
+    args = build_parser().parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name, argv in BENCHMARKS.items():

@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    p = build_parser()
-    args = p.parse_args()
+    args = build_parser().parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last)

@@ -512,8 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare_and_report(argv: list[str] | None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         info = prepare(args.dataset, args.src, args.dst, link=args.link, level=args.level, force=args.force,
                        quiet=args.quiet)
