@@ -67,13 +67,18 @@ def seed_row(config_path: str, data_dir: str, seed: int, backend: str | None = N
     return {"seed": seed, "untrained": untrained, "bn_calibrated": calibrated}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs", "demo.yaml"))
     parser.add_argument("--data_dir", required=True, help="the ImageFolder dataset the runs trained on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--backend", help="data path for the loaders (default: the config's data.backend)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     print("| seed | kNN top-1 untrained | kNN top-1 untrained, BatchNorm statistics of the training images |")
     print("| --- | --- | --- |")
     for seed in args.seeds:

@@ -61,13 +61,18 @@ def training_views(data_dir: str, recipe: str, image_size: int, n: int, seed: in
         return torch.stack([first(i) for i in images]), torch.stack([second(i) for i in images])
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="an lcr-fast training checkpoint")
     parser.add_argument("--data_dir", required=True, help="the ImageFolder dataset (its train/ split is read)")
     parser.add_argument("--n", type=int, default=32, help="images in the batch")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     model, config = load_model(args.ckpt)
     view1, view2 = training_views(args.data_dir, recipe_for(config), config.dataset.image_size, args.n, args.seed)
     stats = kl_target_stats(model, view1, view2)

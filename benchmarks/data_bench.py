@@ -57,7 +57,8 @@ def measure(loader, steps: int, sync: bool) -> tuple[float, float]:
     return pairs / wall, 1000 * cpu / pairs
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="ImageFolder root with a train/ split (default: synthetic 500x375 JPEGs)")
     parser.add_argument("--grain", type=float, default=PHOTO_GRAIN,
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="timed batches per loader")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per loader (best counts)")
     parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,13 +59,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", default=os.path.join(REPO, "configs", "demo.yaml"))
     p.add_argument("--out", default="demo_seeds", help="folder for the dataset and one run folder per seed")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     data = os.path.join(args.out, "data")
     if not os.path.isdir(os.path.join(data, "train")):
         write_dataset(data, **DEMO)

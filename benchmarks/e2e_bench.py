@@ -67,7 +67,8 @@ def _run_variant(args) -> dict:
             "gflops": flops / 1e9 / seconds, "torch_threads": torch.get_num_threads(), **ran}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", help="ImageFolder root with train/ (default: synthetic 500x375 JPEGs)")
     p.add_argument("--arch", default="resnet18", choices=["resnet50", "resnet18"])
@@ -76,7 +77,11 @@ def main() -> None:
                    help="DALI threads / DataLoader workers (default: the trainer's dataset.num_workers)")
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch's intra-op threads in both processes (default 0: as the trainer leaves them)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args)))
         return

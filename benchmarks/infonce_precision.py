@@ -114,12 +114,17 @@ def errors(got: dict, ref: dict) -> dict:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-kernel", action="store_true", help="skip the interpreter run of the kernels (minutes)")
     parser.add_argument("--json", help="write the table here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     rows = []
     for kind in ("random", "clustered"):

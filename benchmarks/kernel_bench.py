@@ -95,12 +95,17 @@ def _modes(fn, args, wrt):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU; none found, nothing to measure.")
         return 0

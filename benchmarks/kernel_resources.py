@@ -18,12 +18,17 @@ from collections import defaultdict
 from lcr_fast import kernel_aot as aot
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(aot.GPU_SMS),
                         help="compute capabilities (80: A100, 90: H100 and H200)")
     parser.add_argument("--json", help="write every compiled launch with its resources here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     launches = aot.record_workloads(archs=args.arch)
     compiled = aot.compile_launches(launches, resources=True)

@@ -6,6 +6,7 @@ peak each side reaches.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -59,7 +60,14 @@ def step_flops(step: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """No options; a parser all the same, so that a mistyped flag is refused and tests/test_docs.py can check
+    the documentation's commands against it."""
+    return argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+
 def main() -> None:
+    build_parser().parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name, peak in machine_peaks(device).items():
         print(f"{name}: {peak['gflops']:.1f} GFLOP/s ({peak['n']}^3 matmul on {device.type})")

@@ -58,7 +58,8 @@ def timed(fn, *args) -> tuple[float, dict[str, float]]:
     return time.perf_counter() - start, result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=2048)
@@ -72,7 +73,11 @@ def main() -> None:
                         help="retrieval_metrics' way of counting items above each positive (auto: by class size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the figures to this path")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(args.n, args.dim, generator=generator), dim=1).to(args.device)

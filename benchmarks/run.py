@@ -98,11 +98,16 @@ def _chart(speedups: dict[str, float], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results", help="folder for results.json and speedups.png")
     p.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these benchmarks")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name, argv in BENCHMARKS.items():

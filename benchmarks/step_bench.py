@@ -164,7 +164,8 @@ def report(results: dict, args: argparse.Namespace, config_keys: tuple[str, ...]
             json.dump(results, f, indent=2)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
     add_common_arguments(p, steps=5)
@@ -174,7 +175,11 @@ def main() -> None:
                    help="torch.compile our ResNet trunks, as engine.compile (reduce-overhead: with CUDA graphs)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference (--no-reference: ours alone, e.g. a second, compiled run)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args)))
         return

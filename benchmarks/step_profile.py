@@ -25,7 +25,8 @@ from step_bench import ENGINE, build_variant  # noqa: E402
 CONVOLUTION = ("conv", "mkldnn_convolution")  # operator names that are convolution forward or backward
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="ours", choices=["ours", "reference"])
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
@@ -36,7 +37,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--top", type=int, default=15)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last)

@@ -100,7 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_accum_steps": 1,  # micro-batches per optimizer step on each rank; train.batch_size stays the global batch
         "sync_bn": False,  # CUDA only: BatchNorm statistics over all ranks (the reference: per GPU)
         # torch.compile of the ResNet trunks: none | default | reduce-overhead (CUDA graphs) | aot_eager (no codegen).
-        # none: compiled trunks measured no faster than eager on the CPU in fp32 (README, Measured); GPU unmeasured
+        # none: compiled trunks measured no faster than eager on the CPU in fp32 (docs/benchmarks.md); GPU unmeasured
         "compile": "none",
         # the convolutions' layout, for the GPU's tensor cores; on the 2-core CPU in fp32 the step measured the same
         # either way (1.03-1.09x the reference channels_last, 1.04x contiguous, step_bench, 2026-12-03)

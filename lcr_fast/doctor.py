@@ -302,13 +302,18 @@ def table(result: dict) -> str:
     return "\n".join(lines + ["", verdict])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(prog="lcr-doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the report as JSON to PATH (or, without one, print it instead of the table)")
     parser.add_argument("--full", action="store_true",
                         help="without a GPU: compile the kernels for every workload of the paper, not one step")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with _output_to_stderr():
         result = report(args.full)
     if args.json == "-":

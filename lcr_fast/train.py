@@ -53,7 +53,8 @@ from lcr_fast.run_log import RunLog
 from lcr_fast.visualize import pick_images, rationale_maps, write_heatmaps
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(description=f"Train {' / '.join(methods.names())} with LCR.",
                                 epilog="Trailing section.key=value arguments override the config.")
     p.add_argument("-c", "--config-file", help="YAML config (the reference's files work unchanged), or the name of "
@@ -70,6 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from a checkpoint (default <ckpt_dir>/last.pt, or a fresh start when there is none)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p
+
+
+def take_override_from_resume(args: argparse.Namespace) -> None:
+    """``--resume train.stop_at_epoch=200``: argparse hands the override to the optional PATH; give it back."""
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.list_configs:
         for name, path in packaged_configs().items():
@@ -77,10 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.exit()
     if args.config_file is None:
         p.error("the following arguments are required: -c/--config-file")
-    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
-        # `--resume train.stop_at_epoch=200`: argparse hands the override to the optional PATH.
-        args.overrides.insert(0, args.resume)
-        args.resume = "auto"
+    take_override_from_resume(args)
     missing = [name for name in ("data_dir", "log_dir", "ckpt_dir") if getattr(args, name) is None]
     if missing:
         p.error(f"missing {', '.join('--' + m for m in missing)} "

@@ -134,7 +134,8 @@ def pick_images(index, n: int, image_size: int) -> tuple[Tensor, list[str]]:
     return images, [index.classes[int(label)] for label in labels]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(prog="python -m lcr_fast.visualize",
                                 description="GradCAM and rationale heatmaps of a checkpoint.")
     p.add_argument("--ckpt", required=True, help="our last.pt, or a reference .pth/.pth.tar (then --method)")
@@ -147,6 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=None, help="crop size (default: the config's dataset.image_size)")
     p.add_argument("--panel_px", type=int, default=128, help="pixels per square panel")
     p.add_argument("--device", default=None, help="default: cuda when available")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.data_dir is None:
         p.error("missing --data_dir (or the DATA environment variable)")

@@ -1,4 +1,4 @@
-"""Every engine combination the README advertises takes an optimizer step with the shipped settings:
+"""Every engine combination docs/distributed.md advertises takes an optimizer step with the shipped settings:
 ZeRO 0/1/2 x channels_last on/off x fp32/bf16, BYOL and MoCo, through the trainer's own
 ``build_engine`` and ``train_step`` (the DeepSpeed engine included).
 

@@ -495,7 +495,8 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, link: 
     return info
 
 
-def _prepare_and_report(argv: list[str] | None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(
         prog="lcr-prepare", description="Turn an official dataset download into DST/train and DST/test folders.")
     parser.add_argument("dataset", metavar="DATASET", help=f"one of {', '.join(DATASETS)}")
@@ -507,7 +508,11 @@ def _prepare_and_report(argv: list[str] | None) -> None:
                         help="aircraft only: variant (default, the paper's), family or manufacturer")
     parser.add_argument("--force", action="store_true", help="write into a non-empty DST, replacing train/ and test/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _prepare_and_report(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         info = prepare(args.dataset, args.src, args.dst, link=args.link, level=args.level, force=args.force,
                        quiet=args.quiet)

@@ -135,7 +135,8 @@ def write_dataset(out_dir: str | Path, num_classes: int = COUNTS["num_classes"],
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (train/ and test/ are created in it)")
     parser.add_argument("--demo", action="store_true",
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="range of the object's size as a fraction of the image side")
     parser.add_argument("--shapes", type=int, choices=range(1, len(MARK_SHAPES) + 1),
                         help="mark shapes in use (classes cycle through shapes, then colours)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     base = DEMO if args.demo else {**COUNTS, "scene": Scene()}
     counts = {key: getattr(args, key) if getattr(args, key) is not None else base[key]

@@ -65,7 +65,8 @@ PROTOCOLS = ("retrieval", "knn", "linear")
 LINEAR_PROTOCOLS = ("lcr", "cached", "reference")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, unparsed: tests/test_docs.py checks the documentation's commands against them."""
     p = argparse.ArgumentParser(prog="lcr-eval", description="Evaluate an LCR checkpoint (ours or the reference's).")
     p.add_argument("--ckpt", required=True, help="our last.pt, or a reference .pth/.pth.tar (then --method)")
     p.add_argument("--method", choices=methods.names(), default=None,
@@ -99,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for the JSON and Markdown results (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--hide_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.data_dir is None:
         p.error("missing --data_dir (or the DATA environment variable)")
