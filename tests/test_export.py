@@ -5,11 +5,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from torchvision import models as tvm
 
 from lcr_fast import export
 from lcr_fast.checkpoint import save_training_checkpoint
+from lcr_fast.compat import export_reference_checkpoint
 from lcr_fast.data.transforms import eval_transform
 from lcr_fast.feature_export import read_features
 from lcr_fast.loading import load_model
@@ -89,6 +91,24 @@ def test_the_cards_usage_lines_run_as_printed(tmp_path, capsys, monkeypatch):
     with torch.no_grad():
         pooled = ours.eval().backbone(x).mean(dim=(2, 3))
         torch.testing.assert_close(scope["model"].eval()(x), pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_byol_file_exports_the_backbone_ours_does(tmp_path, capsys):
+    ckpt = _our_checkpoint(tmp_path / "last.pt")
+    model, cfg = load_model(ckpt)
+    export_reference_checkpoint(model, tmp_path / "byol_ref.pth", epoch=4)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.to_dict()))  # what the file cannot tell: no max-pool
+    assert _run(capsys, "backbone", "--ckpt", ckpt, "--out", tmp_path / "ours.pth")[0] == 0
+    rc, _, err = _run(capsys, "backbone", "--ckpt", tmp_path / "byol_ref.pth", "--method", "byol", "--config",
+                      tmp_path / "tiny.yaml", "--out", tmp_path / "ref.pth")
+    assert rc == 0, err
+    ours, ref = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ours", "ref"))
+    assert ref["source"]["layout"] == "reference" and ref["source"]["epoch"] == 4
+    assert {k: ref[k] for k in ("arch", "stem_maxpool", "layer4_stride")} == \
+        {k: ours[k] for k in ("arch", "stem_maxpool", "layer4_stride")} == \
+        {"arch": "resnet18", "stem_maxpool": False, "layer4_stride": 16}
+    a, b = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("ours", "ref"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_reference_moco_backbone_with_maxpool_loads_into_torchvision(tmp_path, capsys):
