@@ -26,5 +26,6 @@ setup(
     ],
     extras_require={"test": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["lcr-train=lcr_fast.train:cli", "lcr-eval=lcr_fast.eval.cli:main",
-                                      "lcr-prepare=lcr_fast.data.prepare:cli", "lcr-doctor=lcr_fast.doctor:cli"]},
+                                      "lcr-prepare=lcr_fast.data.prepare:cli", "lcr-doctor=lcr_fast.doctor:cli",
+                                      "lcr-export=lcr_fast.export:cli"]},
 )

@@ -4,9 +4,10 @@
 
 No GPU needed. The launches come from every registered method's training steps, ``model.extract`` and the
 rationale features' backward at 224 px and batch 128 (and 16 per GPU of 8), fp32 and bf16 autocast,
-both memory formats, the reference's quirks and the corrected behaviours (``record_workloads`` in
-lcr_fast.kernel_aot). Each is compiled for sm_80 and sm_90 with Triton's compiler; registers and
-spills per thread are from ``ptxas -v``, shared memory per program from Triton's metadata. A kernel
+both memory formats, the reference's quirks and the corrected behaviours, with the paper's 2048-channel
+trunk and a 512-channel one (ResNet-18 / -34) (``record_workloads`` in lcr_fast.kernel_aot). Each is
+compiled for sm_80 and sm_90 with Triton's compiler; registers and spills per thread are from
+``ptxas -v``, shared memory per program from Triton's metadata. A kernel
 has one row per arch, over all its launches: the range of registers and the worst spills and shared
 memory. A spill is a store to local memory (off-chip, cached in L1), the first thing to remove from
 a hot loop.

@@ -216,7 +216,10 @@ def _reference_sgd_state(state: dict[str, torch.Tensor]) -> dict:
 
 
 def _arch_name(model: nn.Module) -> str:
-    return "resnet50" if type(model.backbone.layer1[0]).__name__ == "Bottleneck" else "resnet18"
+    """torchvision's name of the query encoder's ResNet, as ``main_moco.py``'s ``--arch`` saves it."""
+    from .models.backbone import infer_arch
+
+    return infer_arch(model.backbone.state_dict()) or "resnet50"
 
 
 def moco_reference_file(model: nn.Module, state: dict[str, torch.Tensor], epoch: int) -> dict:

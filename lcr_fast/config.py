@@ -38,10 +38,14 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "name": "byol",  # one of lcr_fast.methods.NAMES
         # reference names (resnet50_cub200, resnet50_stanfordcars, resnet50_aircrafts) are ResNet-50 without
-        # the stem max-pool; resnet50 / resnet18 follow model.maxpool.
+        # the stem max-pool; torchvision's resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2 and
+        # resnext50_32x4d follow model.maxpool (lcr_fast.models.backbone.BACKBONE_NAMES).
         "backbone": "resnet50_cub200",
         "maxpool": None,  # None: off for the reference's BYOL backbones, on otherwise
-        "pretrained": "imagenet",  # imagenet | none | path to a torchvision-format .pth
+        # imagenet (torchvision's V1 weights; torchvision fetches them into torch's hub cache when they are not
+        # there) | none | a local weights file: a torchvision or timm state dict, one under state_dict or model
+        # (module. prefixes removed), or lcr-export's backbone .pth
+        "pretrained": "imagenet",
         "rationale_channels": 32,
         "rationale_weight": 0.01,
         "rationale_temperature": 0.4,  # the KL's t where it has one (BYOL's); the reference's MoCo KL has none

@@ -128,8 +128,8 @@ def check_nccl() -> Check:
 def _aot_kernels(full: bool) -> Check:
     from lcr_fast import kernel_aot as aot
 
-    workloads = aot.PAPER_WORKLOADS if full else (aot.Workload("byol", "step", 16, "fp32", True, False),)
-    scope = "every workload of the paper" if full else "one BYOL step, batch 16, fp32"
+    workloads = aot.WORKLOADS if full else (aot.Workload("byol", "step", 16, "fp32", True, False),)
+    scope = "every workload of the paper, 2048- and 512-channel trunks" if full else "one BYOL step, batch 16, fp32"
     launches = aot.record_workloads(workloads, archs=tuple(aot.GPU_SMS))
     try:
         compiled = aot.compile_launches(launches)

@@ -11,9 +11,10 @@ tests prove nothing about the GPU build. Here:
   of signatures cannot drift from them. It intercepts each launch instead of running the kernel and
   specialises its arguments as Triton's JIT does (``tl.constexpr`` values, integers equal to 1 folded
   in, multiples of 16 and 16-byte aligned pointers marked).
-* ``record_workloads`` runs every registered method's training steps and ``model.extract`` at the paper's shapes
-  on fake tensors (shapes, dtypes and strides without data): the models' own heads, rationale
-  detector and kernel calls, with the launch plans made for an A100 or H100 (``planning_for_gpu``).
+* ``record_workloads`` runs every registered method's training steps and ``model.extract`` at the paper's
+  shapes, and with a 512-channel trunk (ResNet-18 and -34; the other ResNets have the paper's 2048), on
+  fake tensors (shapes, dtypes and strides without data): the models' own heads, rationale detector and
+  kernel calls, with the launch plans made for an A100 or H100 (``planning_for_gpu``).
 * ``compile_launches`` compiles them in a child process with TRITON_INTERPRET unset (under the
   interpreter ``@triton.jit`` builds objects that cannot be compiled), and with ``resources=True``
   reads registers and spills from ``ptxas -v`` and shared memory from Triton's metadata.
@@ -44,7 +45,7 @@ from lcr_fast.config import DEFAULTS, load_config
 from lcr_fast.engine import autocast
 from lcr_fast.kernels import dispatch
 from lcr_fast.models import build_model
-from lcr_fast.models.backbone import ResNetTrunk
+from lcr_fast.models.backbone import ResNetTrunk, resolve_arch
 
 # The SM counts a launch plan fills per compile target: A100 (sm_80), H100 and H200 (sm_90).
 GPU_SMS = {80: 108, 90: 132}
@@ -189,6 +190,7 @@ class Workload:
     precision: str  # fp32 | bf16 (autocast, as engine.precision)
     channels_last: bool  # engine.channels_last
     fixes: bool  # every config.fixes switch on (the corrected behaviours) instead of the reference's quirks
+    backbone: str | None = None  # a torchvision ResNet in place of the paper's, same stride; None: the paper's
 
 
 # Every registered method's model as the paper's runs train it (BYOL: ResNet-50 without the stem max-pool,
@@ -204,6 +206,16 @@ PAPER_WORKLOADS = tuple(
     for model, (kind, batch), precision, channels_last, fixes in itertools.product(
         PAPER_MODELS, [(kind, b) for kind, sizes in BATCHES.items() for b in sizes], ("fp32", "bf16"),
         (True, False), (False, True)))
+# torchvision's ResNets put 2048 channels in layer4 (ResNet-50, -101, -152, Wide ResNet-50-2, ResNeXt-50: the paper's
+# width) or 512 (ResNet-18, -34); the kernels see the trunk only through that map, so one narrow trunk covers the
+# family. Recorded, the width changes the feature normalisation's block alone (BLOCK=512 in fp32 and bf16): one
+# batch size per kind suffices.
+NARROW_BACKBONE = "resnet18"
+WIDTH_WORKLOADS = tuple(
+    Workload(model, kind, sizes[0], precision, channels_last, fixes, NARROW_BACKBONE)
+    for model, (kind, sizes), precision, channels_last, fixes in itertools.product(
+        PAPER_MODELS, BATCHES.items(), ("fp32", "bf16"), (True, False), (False, True)))
+WORKLOADS = PAPER_WORKLOADS + WIDTH_WORKLOADS
 
 
 class _Layer4StandIn(torch.nn.Module):
@@ -220,11 +232,20 @@ class _Layer4StandIn(torch.nn.Module):
         return self.conv(self.pool(x))
 
 
-def _paper_model(name: str, fixes: bool) -> torch.nn.Module:
+def _model_section(name: str, backbone: str | None) -> dict:
+    """The paper's ``model`` section of method ``name``, with ``backbone`` in place of its trunk at the same stride."""
+    paper = PAPER_MODELS[name]
+    if backbone is None:
+        return paper
+    _, maxpool = resolve_arch(paper["backbone"], paper.get("maxpool"))
+    return {**paper, "backbone": backbone, "maxpool": maxpool}
+
+
+def _paper_model(name: str, fixes: bool, backbone: str | None = None) -> torch.nn.Module:
     """The model on the meta device (no storage, so it costs nothing), its ResNet trunks replaced by
     stand-ins of the same output channels and stride; the heads, detector and kernel calls are its own."""
     with torch.device("meta"):
-        model = build_model(load_config(None, {"model": PAPER_MODELS[name],
+        model = build_model(load_config(None, {"model": _model_section(name, backbone),
                                                "fixes": {k: fixes for k in DEFAULTS["fixes"]}}))
         for child_name, child in list(model.named_children()):
             if isinstance(child, ResNetTrunk):
@@ -269,7 +290,7 @@ def _run(model: torch.nn.Module, work: Workload) -> None:
             model.extract(*images)
 
 
-def record_workloads(workloads: Iterable[Workload] = PAPER_WORKLOADS,
+def record_workloads(workloads: Iterable[Workload] = WORKLOADS,
                      archs: Iterable[int] = tuple(GPU_SMS)) -> dict[int, list[Launch]]:
     """``arch -> the distinct launches the workloads make`` on a GPU of that target (its SM count).
 
@@ -285,13 +306,13 @@ def record_workloads(workloads: Iterable[Workload] = PAPER_WORKLOADS,
 
     archs, workloads = list(archs), list(workloads)
     found: dict[int, dict[Launch, None]] = {arch: {} for arch in archs}
-    models = {key: _paper_model(*key) for key in dict.fromkeys((w.model, w.fixes) for w in workloads)}
+    models = {key: _paper_model(*key) for key in dict.fromkeys((w.model, w.fixes, w.backbone) for w in workloads)}
     with FakeTensorMode(), dispatch.BACKEND.using("triton"), recording(jit_functions(kernel_modules())) as launches:
         for work in workloads:
             for arch in archs:
                 start = len(launches)
                 with dispatch.planning_for_gpu(GPU_SMS[arch]) as plan:
-                    _run(models[work.model, work.fixes], work)
+                    _run(models[work.model, work.fixes, work.backbone], work)
                 for target in [arch] if plan.sm_count_read else archs:
                     found[target].update(dict.fromkeys(launches[start:]))
                 if not plan.sm_count_read:

@@ -2,7 +2,7 @@
 
 The interpreter tests run code that the compiler may refuse; here the launches of every registered
 method's training steps and of ``model.extract`` (224 px, batch 128 and 16 per GPU, fp32 and bf16 autocast,
-both memory formats, reference and corrected modes) are recorded
+both memory formats, reference and corrected modes; layer4 of 2048 and of 512 channels) are recorded
 from the ops' own launchers and compiled with Triton's compiler and the wheel's ptxas, with no GPU
 (lcr_fast.kernel_aot).
 """
@@ -70,6 +70,11 @@ def test_recording_sees_the_papers_shapes_and_dtypes(launches):
     assert _constexprs(got, "_kl_fwd_kernel", "BLOCK_N") == {256, 16, 64}
     # the symmetric cosine over BYOL's 256-d and SimSiam's 2048-d projections
     assert _constexprs(got, "_byol_fwd_kernel", "BLOCK_D") == {256, 2048}
+    # features of 2048 channels (ResNet-50 and wider, blocks of 1024) and 512 (ResNet-18 and -34), fp32 and bf16
+    assert _constexprs(got, "_normalize_kernel", "BLOCK") == {1024, 512}
+    assert {(dict(launch.constexprs)["BLOCK"], dict(launch.signature)["out_ptr"])
+            for launch in got if launch.name == "_normalize_kernel"} == {
+        (block, dtype) for block in (1024, 512) for dtype in ("*fp32", "*bf16")}
 
 
 def test_every_launch_compiles(launches):

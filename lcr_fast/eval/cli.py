@@ -58,6 +58,7 @@ from lcr_fast.eval.knn import knn_accuracy
 from lcr_fast.eval.linear import LINCLS_MILESTONES, linear_eval_lcr, linear_probe_cached, linear_probe_reference
 from lcr_fast.eval.retrieval import retrieval_metrics
 from lcr_fast.loading import load_for_eval, resolve_device
+from lcr_fast.models.backbone import ResNetTrunk, infer_arch, resolve_arch
 from lcr_fast.optim import scaled_lr
 from lcr_fast.results import evaluation_markdown, write_evaluation_report
 
@@ -316,12 +317,12 @@ def _stem(path: str) -> str:
 
 
 def _backbone_name(model, cfg) -> str:
-    """The config's backbone name, unless the model's blocks contradict it (a reference file read
-    without --config gets default settings, its shapes from the file): then what the blocks say."""
+    """The config's backbone name, unless the model's tensors contradict it (a reference file read
+    without --config gets default settings, its shapes from the file): then the arch they fit."""
     name = cfg.model.backbone
-    block = type(getattr(getattr(model, "backbone", None), "layer1", [None])[0]).__name__
-    depth = {"Bottleneck": "resnet50", "BasicBlock": "resnet18"}.get(block)
-    return name if depth is None or name.startswith(depth) else depth
+    trunk = getattr(model, "backbone", None)
+    arch = infer_arch(trunk.state_dict()) if isinstance(trunk, ResNetTrunk) else None
+    return name if arch is None or resolve_arch(name, None)[0] == arch else arch
 
 
 def _evaluate_and_print(argv: list[str] | None) -> None:

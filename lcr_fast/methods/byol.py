@@ -11,9 +11,13 @@ from .base import ConfigKeys, Method, ReferenceLayout
 
 
 def reference_config(state: Mapping[str, Any], shape: Callable[[str], tuple]) -> dict:
-    """A model of the file's shapes: ResNet-50 without the stem max-pool (the reference's) or ResNet-18, head sizes."""
-    wide = "backbone.layer4.0.conv1.weight" in state and shape("backbone.layer4.0.conv1.weight")[1] == 1024
-    return {"model": {"name": "byol", "backbone": "resnet50_cub200" if wide else "resnet18", "pretrained": "none",
+    """A model of the file's shapes: ResNet-50 without the stem max-pool (the reference's) or the torchvision
+    ResNet the backbone's tensors fit (with its max-pool), head sizes."""
+    from lcr_fast.models.backbone import infer_arch  # declarations import no torch at import time
+
+    arch = infer_arch({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    backbone = "resnet50_cub200" if arch in (None, "resnet50") else arch
+    return {"model": {"name": "byol", "backbone": backbone, "pretrained": "none",
                       "proj_hidden_dim": int(shape("projector.layer1.0.weight")[0]),
                       "proj_dim": int(shape("projector.layer2.weight")[0]),
                       "rationale_channels": int(shape("conv16.weight")[0])}}

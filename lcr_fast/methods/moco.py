@@ -23,9 +23,13 @@ def queue_size_error(K: Any, global_batch: int) -> str | None:
 
 
 def reference_config(state: Mapping[str, Any], shape: Callable[[str], tuple]) -> dict:
-    """A model of the file's shapes: a standard ResNet-50 or -18 with the stem max-pool, head, queue."""
-    # layer4's first conv reads 1024 channels in a ResNet-50, 256 in a ResNet-18.
-    backbone = "resnet50" if shape("encoder_q.layer4.0.conv1.weight")[1] == 1024 else "resnet18"
+    """A model of the file's shapes: the torchvision ResNet the query encoder's tensors fit (``main_moco.py``'s
+    ``--arch``; ResNet-50 when none does, so that loading names the keys that differ), with the stem max-pool,
+    head, queue."""
+    from lcr_fast.models.backbone import infer_arch  # declarations import no torch at import time
+
+    backbone = infer_arch({k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")})
+    backbone = backbone or "resnet50"
     mlp = "encoder_q.fc.0.weight" in state
     K = int(shape("queue")[1])
     return {

@@ -1,11 +1,14 @@
 """ResNet trunks in torchvision's layout, returning the layer4 feature map.
 
 Parameter names match torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), so a
-torchvision ``.pth`` loads as it is (its ``fc`` dropped) and so do the reference's checkpoints.
+torchvision (or timm: same names) ``.pth`` loads as it is, its ``fc`` dropped, and so do the
+reference's checkpoints and what ``lcr-export backbone`` writes.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -13,14 +16,32 @@ from torchvision import models as tvm
 
 from ..errors import UserError
 
+# torchvision's ResNet family by its own names, with the ImageNet weights model.pretrained=imagenet reads (V1,
+# the weights the paper and the reference start from for ResNet-50).
+ARCHS = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1),
+    "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V1),
+    "wide_resnet50_2": (tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1),
+    "resnext50_32x4d": (tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1),
+}
 # The reference's BYOL backbones: ResNet-50 whose forward skips the stem max-pool (layer4 at input/16).
 REFERENCE_BACKBONES = ("resnet50_cub200", "resnet50_stanfordcars", "resnet50_aircrafts")
-_ARCHS = {"resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
-          "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1)}
+BACKBONE_NAMES = (*ARCHS, *REFERENCE_BACKBONES)
+# Wrappers and prefixes of weight files written by training scripts (timm and torchvision's references save
+# {"state_dict": ...} or {"model": ...}; DistributedDataParallel prefixes every key with "module.").
+_WRAPPER_KEYS = ("state_dict", "model")
+_DDP_PREFIX = "module."
 
 
 class PretrainedWeightsError(UserError, RuntimeError):
-    """ImageNet weights were asked for but cannot be had."""
+    """ImageNet weights were asked for but cannot be had, or a weights file does not fit the backbone."""
+
+
+class UnknownBackboneError(UserError, ValueError):
+    """A backbone name that is not one of BACKBONE_NAMES."""
 
 
 class ResNetTrunk(nn.Module):
@@ -28,11 +49,15 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, arch: str, maxpool: bool):
         super().__init__()
-        net = _ARCHS[arch][0](weights=None)
+        net = ARCHS[arch][0](weights=None)
         self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
         self.maxpool = net.maxpool if maxpool else nn.Identity()
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.output_dim = net.fc.in_features
+
+    @property
+    def has_maxpool(self) -> bool:
+        return not isinstance(self.maxpool, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -43,13 +68,32 @@ def resolve_arch(backbone: str, maxpool: bool | None) -> tuple[str, bool]:
     """Map a config's backbone name (reference names included) to (torchvision arch, max-pool on)."""
     if backbone in REFERENCE_BACKBONES:
         return "resnet50", bool(maxpool) if maxpool is not None else False
-    if backbone in _ARCHS:
+    if backbone in ARCHS:
         return backbone, True if maxpool is None else bool(maxpool)
-    raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(_ARCHS) + list(REFERENCE_BACKBONES)}")
+    raise UnknownBackboneError(
+        f"unknown backbone {backbone!r}; expected one of {', '.join(ARCHS)} (torchvision's, with the stem max-pool "
+        f"unless model.maxpool=false) or the reference's {', '.join(REFERENCE_BACKBONES)} (ResNet-50 without it)")
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(arch: str) -> frozenset:
+    """The (key, shape) pairs of ``arch``'s trunk, from a model on the meta device (no storage)."""
+    with torch.device("meta"):
+        return frozenset((k, tuple(v.shape)) for k, v in ResNetTrunk(arch, True).state_dict().items())
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision arch whose trunk has exactly the keys and shapes of ``state`` (``fc.*`` ignored), or None.
+
+    Depth shows in the keys, width and grouping (Wide ResNet, ResNeXt) only in the shapes. The archs are
+    tried smallest first and built only as far as needed: all seven cost about 2 s on a shared CPU core.
+    """
+    found = frozenset((k, tuple(v.shape)) for k, v in state.items() if not k.startswith("fc."))
+    return next((arch for arch in ARCHS if _signature(arch) == found), None)
 
 
 def _imagenet_state_dict(arch: str) -> dict:
-    weights = _ARCHS[arch][1]
+    weights = ARCHS[arch][1]
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # urllib raises many kinds when offline
@@ -61,27 +105,42 @@ def _imagenet_state_dict(arch: str) -> dict:
         ) from exc
 
 
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """The trunk's tensors in a local weights file: a plain state dict (torchvision's, timm's, ``lcr-export
+    backbone``'s) or one under ``state_dict`` / ``model``, ``module.`` prefixes removed, ``fc.*`` dropped."""
+    if not os.path.isfile(path):
+        raise PretrainedWeightsError(f"model.pretrained file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file torch cannot read raises pickle, zip or runtime errors
+        raise PretrainedWeightsError(f"model.pretrained file {path!r} is not a torch weights file "
+                                     f"({type(exc).__name__}: {exc})") from exc
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"model.pretrained file {path!r} holds no state dict of tensors")
+    state = {k[len(_DDP_PREFIX):] if k.startswith(_DDP_PREFIX) else k: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
 def load_pretrained(trunk: ResNetTrunk, arch: str, pretrained: str | None) -> None:
-    """Initialise from torchvision's ImageNet weights ("imagenet"), a local .pth path, or nothing."""
+    """Initialise from torchvision's ImageNet weights ("imagenet"), a local weights file, or nothing."""
     if pretrained in (None, "none", False):
         return
-    if pretrained == "imagenet":
-        state = _imagenet_state_dict(arch)
-    else:
-        if not os.path.isfile(pretrained):
-            raise PretrainedWeightsError(f"model.pretrained file {pretrained!r} does not exist")
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in _imagenet_state_dict(arch).items() if not k.startswith("fc.")} \
+        if pretrained == "imagenet" else read_weights_file(pretrained)
     own = trunk.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
+        holds = infer_arch(state)
         raise PretrainedWeightsError(
-            f"pretrained weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {shapes[:3]}"
+            f"pretrained weights do not fit {arch}{f' (the file holds a {holds})' if holds else ''}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:3]}"
         )
     trunk.load_state_dict(state)
 
