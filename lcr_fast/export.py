@@ -36,7 +36,7 @@ from lcr_fast.loading import load_for_eval, resolve_device
 _OURS = "lcr-fast/1"  # the format tag of our training checkpoints (lcr_fast.checkpoint)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcr-export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="loader workers (default: dataset.num_workers, at most the CPU count)")
     feats.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     feats.add_argument("--hide_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     suffixes = WEIGHT_SUFFIXES if args.what == "backbone" else FEATURE_SUFFIXES
     if not args.out.endswith(suffixes):
