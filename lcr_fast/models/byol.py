@@ -34,9 +34,9 @@ class BYOL(LCRModel):
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_parameters():
             p.requires_grad_(False)
-        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, rationale_temperature,
-                                         rationale_weight, per_sample_minmax, detach_cam=detach_cam,
-                                         scale_cam=scale_cam)
+        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, temperature=rationale_temperature,
+                                         weight=rationale_weight, per_sample_minmax=per_sample_minmax,
+                                         detach_cam=detach_cam, scale_cam=scale_cam)
         self.tau = tau
 
     @classmethod

@@ -58,9 +58,9 @@ class SimSiam(LCRModel):
         super().__init__(backbone)
         self.projector = projection_head(backbone.output_dim, dim)
         self.predictor = prediction_head(dim, pred_dim)
-        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, rationale_temperature,
-                                         rationale_weight, per_sample_minmax, detach_cam=detach_cam,
-                                         scale_cam=scale_cam)
+        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, temperature=rationale_temperature,
+                                         weight=rationale_weight, per_sample_minmax=per_sample_minmax,
+                                         detach_cam=detach_cam, scale_cam=scale_cam)
 
     @classmethod
     def from_config(cls, config) -> SimSiam:
