@@ -8,10 +8,12 @@ DEMO := demo_out
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# The exact versions of constraints.txt, DALI for CUDA 13 (the demo and the tests run DALI's pipelines),
+# pytest and ruff. Editing what the package declares or pins re-runs it.
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest ruff
+	$(PY) -m pip install --quiet -c constraints.txt --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cuda13,test]'
 	touch $@
 
 demo: install

@@ -40,8 +40,8 @@ def kl_target_stats(model: torch.nn.Module, view1: torch.Tensor, view2: torch.Te
         out = probe(view1, view2)
     cam, attention = out["gradcam"].detach().float(), out["attention"].detach().float()
     # BYOL's KL has a temperature over the flattened map; the reference's MoCo KL has none, row by row.
-    temperature = getattr(probe, "rationale_temperature", 1.0)
-    rows = cam.flatten(1) if getattr(probe, "flatten_kl", True) else cam
+    temperature = probe.rationale.temperature
+    rows = cam.flatten(1) if probe.rationale.flatten_kl else cam
     target = (rows / temperature).softmax(-1)
     per_image = target.reshape(cam.shape[0], -1, rows.shape[-1]).amax(dim=(1, 2))
     return {"cam_peak": cam.flatten(1).amax(1).median().item(), "cam_peak_largest": cam.max().item(),

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lcr_fast import methods
 from lcr_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lcr_fast.errors import run_cli
-from lcr_fast.models.rationale import per_image_unit
+from lcr_fast.lcr import per_image_unit
 
 PANELS = ("image", "GradCAM of the SSL loss", "rationale map", "overlay (red: GradCAM,\ngreen: rationale)")
 HEADER_PX = 28  # the strip with the column titles

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import tomllib
 from types import ModuleType
 
 from helpers import REPO
@@ -131,9 +132,10 @@ def _split_pipeline(tokens: list[str]) -> list[list[str]]:
 
 
 def _console_scripts() -> dict[str, str]:
-    """``lcr-eval`` -> ``lcr_fast.eval.cli``, from setup.py: the installed commands are whatever it declares."""
-    with open(os.path.join(REPO, "setup.py")) as f:
-        return dict(re.findall(r"[\"']([\w-]+)=([\w.]+):\w+[\"']", f.read()))
+    """``lcr-eval`` -> ``lcr_fast.eval.cli``, from pyproject.toml: the installed commands are whatever it declares."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    return {name: target.split(":")[0] for name, target in scripts.items()}
 
 
 def _make_targets() -> set[str]:

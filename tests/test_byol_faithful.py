@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lcr_fast.compat import load_reference_checkpoint, reference_state_dict
 from lcr_fast.models import build_model
-from lcr_fast.models.rationale import per_image_unit
+from lcr_fast.lcr import per_image_unit
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule, reference_train_step
 
@@ -114,8 +114,8 @@ def test_scale_cam_switch_fits_the_rationale_map_to_each_cam_scaled_to_unit_rang
     torch.manual_seed(0)
     raw = build_model(tiny_config()).train()
     scaled = copy.deepcopy(raw)
-    scaled.scale_cam = True  # what fixes.scale_cam sets
-    assert build_model(tiny_config(fixes={"scale_cam": True})).scale_cam
+    scaled.rationale.scale_cam = True  # what fixes.scale_cam sets
+    assert build_model(tiny_config(fixes={"scale_cam": True})).rationale.scale_cam
     x1, x2 = _views(size=64)  # a 4x4 map: room for a shape
     out_raw, out = raw(x1, x2), scaled(x1, x2)
 

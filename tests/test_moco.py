@@ -77,11 +77,11 @@ def test_loss_terms_and_gradcam_match_an_independent_computation():
 
 def _switched(fix: str) -> tuple[MoCo, MoCo]:
     """(the reference-mode model, a copy with ``fixes.<fix>`` on), after checking the config switch sets it."""
-    assert getattr(build_model(moco_config(fixes={fix: True}, model={"moco_k": 4})), fix)
+    assert getattr(build_model(moco_config(fixes={fix: True}, model={"moco_k": 4})).rationale, fix)
     torch.manual_seed(0)
     faithful = build_model(moco_config()).train()
     fixed = copy.deepcopy(faithful)
-    setattr(fixed, fix, True)
+    setattr(fixed.rationale, fix, True)
     return faithful, fixed
 
 

@@ -49,7 +49,7 @@ def test_architecture_is_builders():
     assert all(torch.all(block.bn2.weight == 0) for layer in (model.backbone.layer1, model.backbone.layer4)
                for block in layer)
     assert torch.all(model.backbone.bn1.weight == 1)
-    assert model.rationale_temperature == 0.4 and model.flatten_kl and model.rationale_weight == 0.01
+    assert model.rationale.temperature == 0.4 and model.rationale.flatten_kl and model.rationale_weight == 0.01
     before = [p.clone() for p in model.parameters()]
     model.momentum_update()  # no momentum encoder
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -27,8 +27,11 @@ def installed(tmp_path_factory):
                               "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              check=True, capture_output=True, text=True).stdout.strip()
     (Path(purelib) / "test-deps.pth").write_text(sysconfig.get_path("purelib"))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q",
-                    str(wheel)], check=True, capture_output=True, timeout=600)
+    # With its dependencies and the make install's extras, under constraints.txt: the wheel's declared
+    # ranges must admit the pinned versions, which are all there already (no index is asked).
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-index",
+                    "-q", "-c", str(REPO / "constraints.txt"), f"{wheel}[cuda13,test]"], check=True,
+                   capture_output=True, timeout=600)
     return wheel, venv
 
 

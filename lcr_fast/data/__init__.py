@@ -37,7 +37,8 @@ def resolve_backend(backend: str) -> str:
         try:
             importlib.import_module(f"{__name__}.dali")
         except Exception as exc:  # a broken install raises more than ImportError
-            warnings.warn(f"DALI is unavailable ({type(exc).__name__}: {exc}); using the torchvision loader instead")
+            warnings.warn(f"DALI is unavailable ({type(exc).__name__}: {exc}); using the torchvision loader instead "
+                          "(pip install 'lcr-fast[cuda13]', or [cuda12] for a CUDA 12 driver, installs it)")
             return "torchvision"
     return backend
 

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from lcr_fast.kernels import byol_loss, ema_update
+from lcr_fast.lcr import RationaleBranch
 
 from .backbone import build_backbone
 from .heads import MLP
 from .lcr import LCRModel, global_pool
-from .rationale import RationaleDetector
 
 
 class BYOL(LCRModel):
@@ -27,15 +27,16 @@ class BYOL(LCRModel):
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256, tau: float = 0.996,
                  rationale_channels: int = 32, rationale_weight: float = 0.01, rationale_temperature: float = 0.4,
                  per_sample_minmax: bool = False, detach_cam: bool = False, scale_cam: bool = False):
-        super().__init__(backbone, rationale_weight, rationale_temperature, flatten_kl=True, detach_cam=detach_cam,
-                         scale_cam=scale_cam)
+        super().__init__(backbone)
         self.projector = MLP(backbone.output_dim, proj_hidden_dim, proj_dim)
         self.predictor = MLP(proj_dim, proj_hidden_dim, proj_dim)
         self.target_backbone = copy.deepcopy(backbone)
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_parameters():
             p.requires_grad_(False)
-        self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
+        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, temperature=rationale_temperature,
+                                         weight=rationale_weight, per_sample_minmax=per_sample_minmax,
+                                         detach_cam=detach_cam, scale_cam=scale_cam)
         self.tau = tau
 
     @classmethod

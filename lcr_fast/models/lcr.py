@@ -2,8 +2,9 @@
 
 LCR (Shu et al., CVPR 2023) adds to a self-supervised method: GradCAM of the method's own loss on view
 1's layer4, a rationale detector fitted to it by a KL divergence, and rationale-weighted pooling for
-evaluation. A method's model subclasses ``LCRModel``, computes its SSL loss in ``forward`` and hands
-it to ``lcr_terms`` with view 1's layer4 map and the detector's attention on it.
+evaluation. That branch is ``lcr_fast.lcr.RationaleBranch``; a method's model subclasses ``LCRModel``,
+registers one as ``rationale``, computes its SSL loss in ``forward`` and hands it to ``lcr_terms`` with
+view 1's layer4 map and the branch's attention on it.
 """
 from __future__ import annotations
 
@@ -13,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcr_fast.kernels import gradcam, rationale_kl
-from lcr_fast.objective import lcr_objective
-
-from .rationale import per_image_unit
+from lcr_fast.lcr import RationaleBranch
 
 
 def global_pool(feat: torch.Tensor) -> torch.Tensor:
@@ -28,10 +26,11 @@ class LCRModel(nn.Module, ABC):
 
     - ``backbone``: the ResNet trunk (``lcr_fast.models.backbone.ResNetTrunk``), returning layer4
       [B, C, h, w]; ``backbone.output_dim`` is C, the width of the evaluation features.
-    - ``rationale``: the ``RationaleDetector`` on layer4, which the subclass registers where its
-      parameter order (and so its optimizer state and its initial random draws) puts it.
-    - ``rationale_weight``: nu, the KL's weight in the objective (``lcr_fast.objective``, which scales it
-      by the pieces of a distributed step).
+    - ``rationale``: the ``RationaleBranch`` on layer4 (detector, KL settings and ``fixes.*`` switches),
+      which the subclass registers where its parameter order (and so its optimizer state and its initial
+      random draws) puts it.
+    - ``rationale_weight``: nu, the KL's weight in the objective, the branch's ``weight``
+      (``lcr_fast.objective`` scales it by the pieces of a distributed step).
     - ``forward(view1, view2)`` in train mode: a dict of ``loss`` (total), ``ssl_loss``, ``rationale_loss``,
       ``gradcam`` [B, h, w] and ``attention`` [B, h, w] (``lcr_terms`` makes the last four). It changes no
       parameter; buffers may change (BatchNorm statistics, MoCo's queue).
@@ -42,24 +41,18 @@ class LCRModel(nn.Module, ABC):
     - ``extract(images)`` in eval mode: ``gap`` and ``rationale`` features [B, C], both L2-normalised, and
       ``attention``.
     - ``from_config(config)``: the model a config describes (``lcr_fast.models.build_model`` calls it).
-
-    The switches of the shared branch: ``rationale_temperature`` (the KL's t), ``flatten_kl`` (softmax
-    over the flattened h*w, else over rows as the reference's MoCo), ``detach_cam`` and ``scale_cam``
-    (``fixes.*``, see lcr_fast.config).
     """
 
     backbone: nn.Module
-    rationale: nn.Module
+    rationale: RationaleBranch
 
-    def __init__(self, backbone: nn.Module, rationale_weight: float, rationale_temperature: float, flatten_kl: bool,
-                 detach_cam: bool, scale_cam: bool):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.rationale_weight = rationale_weight
-        self.rationale_temperature = rationale_temperature
-        self.flatten_kl = flatten_kl
-        self.detach_cam = detach_cam
-        self.scale_cam = scale_cam
+
+    @property
+    def rationale_weight(self) -> float:
+        return self.rationale.weight
 
     @classmethod
     @abstractmethod
@@ -80,21 +73,9 @@ class LCRModel(nn.Module, ABC):
 
     def lcr_terms(self, ssl_loss: torch.Tensor, cam_feat: torch.Tensor,
                   attention: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The LCR branch on view 1's layer4 map ``cam_feat``, which ``ssl_loss`` was computed from, and the
-        detector's ``attention`` on it: the forward's output dict.
-
-        GradCAM's gradient is a constant (no create_graph), but ``cam_feat`` keeps its graph, so the
-        rationale loss also trains the backbone through cam (the reference's behaviour; ``detach_cam``
-        stops it).
-        """
-        (grad,) = torch.autograd.grad(ssl_loss, cam_feat, retain_graph=True)
-        cam = gradcam(cam_feat.detach() if self.detach_cam else cam_feat, grad)
-        if self.scale_cam:
-            cam = per_image_unit(cam)
-        rationale_loss = rationale_kl(cam, attention, self.rationale_temperature, flatten=self.flatten_kl)
-        loss = lcr_objective(ssl_loss, rationale_loss, self.rationale_weight)
-        return {"loss": loss, "ssl_loss": ssl_loss, "rationale_loss": rationale_loss, "gradcam": cam,
-                "attention": attention}
+        """The forward's output dict: the LCR branch on view 1's layer4 map ``cam_feat``, which ``ssl_loss``
+        was computed from, and the branch's ``attention`` on it (``RationaleBranch.terms``)."""
+        return self.rationale.terms(cam_feat, ssl_loss, attention)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,10 +18,10 @@ from torch import nn
 
 from lcr_fast.kernels import ema_update, infonce_queue
 from lcr_fast.kernels.dispatch import memory_format_of
+from lcr_fast.lcr import RationaleBranch
 
 from .backbone import build_backbone
 from .lcr import LCRModel, global_pool
-from .rationale import RationaleDetector
 
 
 def _world() -> tuple[int, int]:
@@ -63,15 +63,16 @@ class MoCo(LCRModel):
                  mlp: bool = True, rationale_channels: int = 32, rationale_weight: float = 0.01,
                  per_sample_minmax: bool = False, flatten_kl: bool = False, detach_cam: bool = False,
                  scale_cam: bool = False):
-        super().__init__(backbone, rationale_weight, 1.0, flatten_kl=flatten_kl, detach_cam=detach_cam,
-                         scale_cam=scale_cam)
+        super().__init__(backbone)
         self.K, self.m, self.T = K, m, T
         self.projector = projection_head(backbone.output_dim, dim, mlp)
         self.key_backbone = copy.deepcopy(backbone)
         self.key_projector = copy.deepcopy(self.projector)
         for p in self.key_parameters():
             p.requires_grad_(False)
-        self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
+        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, temperature=1.0,
+                                         weight=rationale_weight, per_sample_minmax=per_sample_minmax,
+                                         flatten_kl=flatten_kl, detach_cam=detach_cam, scale_cam=scale_cam)
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # The reference's unused max-branch tensors when this model was read from one of its files

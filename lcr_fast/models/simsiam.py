@@ -13,10 +13,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from lcr_fast.kernels import byol_loss
+from lcr_fast.lcr import RationaleBranch
 
 from .backbone import ResNetTrunk, load_pretrained, resolve_arch
 from .lcr import LCRModel, global_pool
-from .rationale import RationaleDetector
 
 
 def zero_init_residual(trunk: nn.Module) -> None:
@@ -55,11 +55,12 @@ class SimSiam(LCRModel):
     def __init__(self, backbone: nn.Module, dim: int = 2048, pred_dim: int = 512, rationale_channels: int = 32,
                  rationale_weight: float = 0.01, rationale_temperature: float = 0.4, per_sample_minmax: bool = False,
                  detach_cam: bool = False, scale_cam: bool = False):
-        super().__init__(backbone, rationale_weight, rationale_temperature, flatten_kl=True, detach_cam=detach_cam,
-                         scale_cam=scale_cam)
+        super().__init__(backbone)
         self.projector = projection_head(backbone.output_dim, dim)
         self.predictor = prediction_head(dim, pred_dim)
-        self.rationale = RationaleDetector(backbone.output_dim, rationale_channels, per_sample_minmax)
+        self.rationale = RationaleBranch(backbone.output_dim, rationale_channels, temperature=rationale_temperature,
+                                         weight=rationale_weight, per_sample_minmax=per_sample_minmax,
+                                         detach_cam=detach_cam, scale_cam=scale_cam)
 
     @classmethod
     def from_config(cls, config) -> SimSiam:
