@@ -19,6 +19,7 @@ import torch
 
 from ..errors import FallbackError
 
+from .evaluation import Evaluation, evaluation_data
 from .folder import (UNLABELED, DatasetError, FolderIndex, check_hold_out, check_same_classes, hold_out,
                      scan_split, scan_training_images)
 from .torch_loader import TorchEvalLoader, TorchTrainLoader
@@ -120,7 +121,7 @@ def checked_loader(build: Callable[[str], Any], backend: str, device: torch.devi
 
 
 __all__ = [
-    "BACKENDS", "DATA_PATHS", "UNLABELED", "DatasetError", "FolderIndex", "build_eval_loader", "build_train_loader",
-    "check_hold_out", "check_same_classes", "checked_loader", "data_paths", "hold_out", "resolve_backend", "scan_split",
-    "scan_training_images",
+    "BACKENDS", "DATA_PATHS", "UNLABELED", "DatasetError", "Evaluation", "FolderIndex", "build_eval_loader",
+    "build_train_loader", "check_hold_out", "check_same_classes", "checked_loader", "data_paths", "evaluation_data",
+    "hold_out", "resolve_backend", "scan_split", "scan_training_images",
 ]
