@@ -187,6 +187,22 @@ def _run_markdown(run: dict, earlier: list[dict]) -> list[str]:
     return lines
 
 
+def _data_markdown(results: dict) -> list[str]:
+    """What the run trained on and what it was evaluated on, or why it was not."""
+    lines = []
+    trained = results.get("training_data")
+    if trained:
+        kind = f"labeled, {trained['num_classes']} classes" if trained["labeled"] else "unlabeled"
+        lines.append(f"- training data: {trained['data_dir']} ({trained['images']} images, {kind})")
+    evaluation = results.get("evaluation")
+    if evaluation and evaluation.get("skipped"):
+        lines.append(f"- evaluation skipped: {evaluation['skipped']}")
+    elif evaluation:
+        lines.append(f"- evaluation data: {evaluation['data_dir']} (train/: {evaluation['train_images']} images, "
+                     f"the kNN bank; test/: {evaluation['test_images']} images; {evaluation['num_classes']} classes)")
+    return lines
+
+
 def training_markdown(results: dict) -> str:
     """report.md: settings, throughput, last losses, the retrieval table, kNN, best epochs, history, pictures."""
     lines = [f"# {results.get('name', 'lcr-fast run')}", ""]
@@ -201,9 +217,11 @@ def training_markdown(results: dict) -> str:
     if results.get("final_losses"):
         losses = ", ".join(f"{k} {v:.4f}" for k, v in results["final_losses"].items())
         lines.append(f"- last logged losses: {losses}")
+    lines += _data_markdown(results)
     if results.get("components"):
         lines += _components_markdown(results["components"])
-    lines += ["", "| evaluation | rank-1 | rank-5 | mAP |", "| --- | --- | --- | --- |"]
+    if any(key in results for key, _ in RETRIEVAL_FEATURES) or results.get("untrained"):
+        lines += ["", "| evaluation | rank-1 | rank-5 | mAP |", "| --- | --- | --- | --- |"]
     for key, label in RETRIEVAL_FEATURES:
         if key in results:
             r = results[key]

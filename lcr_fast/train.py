@@ -10,6 +10,8 @@ One GPU, several, or the CPU (gloo), always through DeepSpeed:
         --ckpt_dir runs/demo/ckpt
     python lcr_fast/train.py ... --resume              # continue from <ckpt_dir>/last.pt; starts fresh if there is none
     python lcr_fast/train.py ... --eval_from runs/cub/ckpt/last.pt   # evaluate only (ours or a reference .pth)
+    python lcr_fast/train.py -c configs/demo.yaml --data_dir ~/photos --eval_data_dir data/synthetic ...
+                                                       # pretrain on unlabeled images, evaluate on an ImageFolder
 
 Trailing ``section.key=value`` arguments override the config (``train.stop_at_epoch=2``). The step
 itself (EMA, forward, objective, backward) and the epoch around it are in ``lcr_fast/loop.py``.
@@ -39,8 +41,8 @@ from lcr_fast.checkpoint import (check_checkpoint_file, check_writable, load_tra
                                  save_training_checkpoint, set_rng_state)
 from lcr_fast.compat import export_reference_checkpoint, has_reference_layout, load_state_strict
 from lcr_fast.config import Config, ConfigError, load_config, packaged_configs, recipe_for, save_config
-from lcr_fast.data import (DatasetError, FolderIndex, build_eval_loader, build_train_loader, check_hold_out,
-                           check_same_classes, checked_loader, hold_out, scan_split)
+from lcr_fast.data import (DatasetError, Evaluation, FolderIndex, build_eval_loader, build_train_loader,
+                           check_hold_out, checked_loader, evaluation_data, hold_out, scan_training_images)
 from lcr_fast.errors import run_cli
 from lcr_fast.eval.features import evaluate
 from lcr_fast.eval.linear import linear_eval_lcr
@@ -60,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config-file", help="YAML config (the reference's files work unchanged), or the name of "
                                               "a packaged one (byol_cub200, ...)")
     p.add_argument("--list-configs", action="store_true", help="list the packaged configs and exit")
-    p.add_argument("--data_dir", default=os.getenv("DATA"), help="ImageFolder root with train/ and test/ (env DATA)")
+    p.add_argument("--data_dir", default=os.getenv("DATA"),
+                   help="ImageFolder root with train/ and test/, or a folder of unlabeled images (env DATA)")
+    p.add_argument("--eval_data_dir", default=None,
+                   help="ImageFolder root with train/ and test/ to evaluate on instead of --data_dir; without it a run "
+                        "on unlabeled images is not evaluated")
     p.add_argument("--log_dir", default=os.getenv("LOG"), help="where logs and results go (env LOG)")
     p.add_argument("--ckpt_dir", default=os.getenv("CHECKPOINT"), help="where checkpoints go (env CHECKPOINT)")
     p.add_argument("--hide_progress", action="store_true", help="no progress bars")
@@ -111,16 +117,21 @@ def resolve_config(args: argparse.Namespace) -> Config:
 class Inputs:
     """The run's inputs, checked before any process group or model exists."""
 
-    train_index: FolderIndex  # what the run trains on: train/ without the validation images
-    test_index: FolderIndex
+    train_index: FolderIndex  # what the run trains on: train/ without the validation images, or unlabeled images
+    evaluation: Evaluation  # the labeled images it is evaluated on (its bank is train_index in the reference layout)
     resume: dict | None  # the training checkpoint to continue from
     resume_path: str | None
     val_index: FolderIndex | None = None  # data.val_per_class images per class held out of train/
 
 
-def check_validation_split(cfg: Config, train_index: FolderIndex, resume: dict | None) -> None:
+def check_validation_split(cfg: Config, train_index: FolderIndex, evaluation: Evaluation, resume: dict | None) -> None:
     """``data.val_per_class`` can be held out of train/, and a resumed run holds out what it held out
-    before: the same count and the same seed, or images it trained on would be validated on."""
+    before: the same count and the same seed, or images it trained on would be validated on. The
+    validation images are labeled ones the run would train on: the reference's layout, evaluated on itself."""
+    if cfg.data.val_per_class and evaluation.bank is not train_index:
+        raise ConfigError(f"data.val_per_class={cfg.data.val_per_class} holds labeled images out of the training "
+                          "images, so it needs --data_dir in the reference's layout (train/ and test/ class folders) "
+                          "and no --eval_data_dir; set data.val_per_class=0")
     if cfg.data.val_per_class:
         check_hold_out(train_index, cfg.data.val_per_class)
     if resume is None:
@@ -136,6 +147,7 @@ def split_validation(args: argparse.Namespace, cfg: Config, inputs: Inputs) -> N
     """Hold ``data.val_per_class`` images per class of train/ out of training, drawn with the run's
     seed (the same on every rank by then), into ``inputs.val_index``."""
     inputs.train_index, inputs.val_index = hold_out(inputs.train_index, cfg.data.val_per_class, cfg.seed)
+    inputs.evaluation.bank = inputs.train_index
     if args.debug:
         for index in (inputs.train_index, inputs.val_index):
             index.samples = index.samples[:8]
@@ -143,14 +155,16 @@ def split_validation(args: argparse.Namespace, cfg: Config, inputs: Inputs) -> N
 
 def check_inputs(args: argparse.Namespace, cfg: Config) -> Inputs:
     """Every check that needs only the config, the data folders or a file: bad input fails in seconds."""
-    train_index, test_index = scan_split(args.data_dir, "train"), scan_split(args.data_dir, "test")
-    check_same_classes(train_index, test_index)
+    train_index = scan_training_images(args.data_dir)
+    evaluation = evaluation_data(args.data_dir, train_index, args.eval_data_dir)
     pretrained = cfg.model.pretrained
     if pretrained not in ("imagenet", "none") and not args.eval_from and not os.path.isfile(pretrained):
         raise ConfigError(f"model.pretrained file {pretrained!r} does not exist (or use imagenet / none)")
     check_writable(args.log_dir, "logs and results")
     resume = path = None
     if args.eval_from:
+        if evaluation.skipped:
+            raise DatasetError(f"--eval_from evaluates on labeled images, and there are none: {evaluation.skipped}")
         check_checkpoint_file(args.eval_from)
     else:
         check_writable(args.ckpt_dir)
@@ -166,17 +180,20 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> Inputs:
         cfg["seed"] = resume["config"]["seed"] if resume is not None else random.SystemRandom().randrange(2**31)
     validating = cfg.data.val_per_class and not args.eval_from
     if not args.eval_from:
-        check_validation_split(cfg, train_index, resume)
+        check_validation_split(cfg, train_index, evaluation, resume)
     held = cfg.data.val_per_class * len(train_index.classes) if validating else 0
     if args.debug:
-        test_index.samples = test_index.samples[:8]
+        cut = [evaluation.test, evaluation.bank] if evaluation.bank is not train_index else [evaluation.test]
         if not validating:  # else split_validation cuts both parts once the split is drawn
-            train_index.samples = train_index.samples[:8]
+            cut.append(train_index)
+        for index in cut:
+            if index is not None:
+                index.samples = index.samples[:8]
     if len(train_index) - held < cfg.train.batch_size and not args.eval_from:
         also = f" ({held} of them held out by data.val_per_class)" if held else ""
         raise DatasetError(f"{str(train_index.root)!r} has {len(train_index)} images{also}, fewer than one batch "
                            f"(train.batch_size={cfg.train.batch_size}): lower the batch size")
-    return Inputs(train_index, test_index, resume, path)
+    return Inputs(train_index, evaluation, resume, path)
 
 
 def seed_process(seed: int) -> None:
@@ -211,17 +228,19 @@ def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
 
 
 def eval_loaders(cfg: Config, args: argparse.Namespace, inputs: Inputs, info: eng.DistInfo, backend: str) -> tuple:
-    """(training images as the kNN bank, test split, validation images or None) in evaluation
-    transforms, and their data path: the first from ``backend`` (a data.backend or a path) that runs here."""
+    """(labeled training images as the kNN bank, test split, validation images or None) in evaluation
+    transforms, and their data path: the first from ``backend`` (a data.backend or a path) that runs here.
+    Without labeled images to evaluate on (``inputs.evaluation.skipped``) all three are None."""
     batch = cfg.data.eval_batch_size or cfg.train.batch_size // info.world_size
     threads, size = cfg.dataset.num_workers, cfg.dataset.image_size
     loaders = []
     # The validation images are files of train/, held out of the training index.
-    for split, index in (("train", inputs.train_index), ("test", inputs.test_index), ("train", inputs.val_index)):
+    evaluation = inputs.evaluation
+    for split, index in (("train", evaluation.bank), ("test", evaluation.test), ("train", inputs.val_index)):
         if index is None:
             loaders.append(None)
             continue
-        loader, backend = checked_loader(lambda path: build_eval_loader(args.data_dir, split, batch_size=batch,
+        loader, backend = checked_loader(lambda path: build_eval_loader(evaluation.data_dir, split, batch_size=batch,
                                                                         image_size=size, backend=path,
                                                                         device=info.device, num_threads=threads,
                                                                         index=index),
@@ -255,7 +274,8 @@ class Run:
 
     @property
     def knn_k(self) -> int:
-        return min(self.cfg.train.knn_k, len(self.inputs.train_index))
+        bank = self.inputs.evaluation.bank
+        return self.cfg.train.knn_k if bank is None else min(self.cfg.train.knn_k, len(bank))
 
 
 def build_engine(cfg: Config, info: eng.DistInfo, precision: str, resume: dict | None = None,
@@ -364,7 +384,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     train, validating = run.cfg.train, run.val_loader is not None
     knn_due = train.knn_monitor and epoch % train.knn_interval == 0
     retrieval_due = bool(train.retrieval_interval) and epoch % train.retrieval_interval == 0
-    if not (knn_due or retrieval_due) or not run.info.is_main:
+    if not (knn_due or retrieval_due) or not run.info.is_main or run.test_loader is None:
         return
     scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, train.knn_t,
                       retrieval=retrieval_due or validating, progress=run.ctx.show_progress,
@@ -386,7 +406,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
 def evaluate_untrained(run: Run) -> None:
     """kNN and retrieval of the initial weights (ImageNet or random) on rank 0, before the first step,
     so that every report shows what training added. Draws nothing from the run's random streams."""
-    if not run.info.is_main:
+    if not run.info.is_main or run.test_loader is None:
         return
     with torch.random.fork_rng(devices=[]):
         scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, run.cfg.train.knn_t,
@@ -470,7 +490,7 @@ def end_of_run_linear_eval(run: Run) -> dict:
     if cfg.eval is False:
         return {"skipped": "the config's eval is false"}
     model, weights = linear_eval_model(cfg, run.parts.model, run.info.device)
-    result = linear_eval_lcr(model, run.inputs.train_index, run.inputs.test_index, cfg, run.info.device,
+    result = linear_eval_lcr(model, run.inputs.evaluation.bank, run.inputs.evaluation.test, cfg, run.info.device,
                              autocast=eng.autocast(run.precision, run.info.device), progress=run.ctx.show_progress)
     return {**result, "weights": weights}
 
@@ -478,26 +498,60 @@ def end_of_run_linear_eval(run: Run) -> dict:
 def heatmap_inputs(run: Run) -> tuple | None:
     """(images, class names, maps) for the heatmap figure, computed on every rank: MoCo's forward
     gathers keys across ranks, so all of them run it while rank 0 draws."""
-    if not run.cfg.logger.matplotlib:
+    if not run.cfg.logger.matplotlib or run.inputs.evaluation.test is None:
         return None
     # Up to 8 a rank, as many as the method's batch constraint allows (MoCo's queue takes whole global batches).
     method, world = methods.get(run.cfg.model.name), run.info.world_size
     count = max(n for n in range(1, 9) if method.batch_error(run.cfg.model, n * world) is None)
-    images, titles = pick_images(run.inputs.test_index, count, run.cfg.dataset.image_size)
+    images, titles = pick_images(run.inputs.evaluation.test, count, run.cfg.dataset.image_size)
     return images, titles, rationale_maps(run.parts.model, images)
+
+
+def final_evaluation(run: Run) -> dict:
+    """Rank 0, after the last epoch: kNN and retrieval of the final model, the best epochs, the
+    validation's selection and the end-of-run linear evaluation."""
+    cfg, state, model = run.cfg, run.state, run.parts.model
+    validating = run.val_loader is not None
+    retrieval = (cfg.eval is not False and cfg.eval.retrieval) or validating
+    results = evaluate(model, run.memory_loader, run.test_loader, run.knn_k, cfg.train.knn_t, retrieval=retrieval,
+                       progress=run.ctx.show_progress, autocast=eng.autocast(run.precision, run.info.device),
+                       val_loader=run.val_loader)
+    # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
+    scored = [h for h in state.history if "mAP" in h]
+    last = {"epoch": cfg.train.stop_at_epoch - 1, "knn_top1": results["knn_top1"], **results.get("retrieval", {}),
+            **({"validation": results["validation"]} if validating else {})}
+    if scored and scored[-1]["epoch"] != last["epoch"]:
+        scored.append(last)
+    results["retrieval_best"] = best_over_epochs(scored)
+    if validating:
+        results["selected_on_validation"] = select_on_validation(state.history, last)
+        results["validation_split"] = {"per_class": cfg.data.val_per_class, "images": len(run.inputs.val_index),
+                                       "train_images": len(run.inputs.train_index)}
+    results["linear_eval"] = end_of_run_linear_eval(run)
+    return results
+
+
+def training_data(data_dir: str, index: FolderIndex) -> dict:
+    """What results.json records under "training_data": the folder, how many images, whether labeled."""
+    return {"data_dir": os.path.abspath(data_dir), "images": len(index), "labeled": index.labeled,
+            **({"num_classes": len(index.classes)} if index.labeled else {})}
 
 
 def finish(run: Run) -> dict:
     """After the last epoch: the reference-format export, the final evaluation and the report (rank 0)."""
     cfg, state, model = run.cfg, run.state, run.parts.model
     rates = run.ctx.rates
-    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": state.step, "knn_k": run.knn_k,
-                     "knn_t": cfg.train.knn_t, "history": state.history, "final_losses": run.ctx.last_losses,
+    evaluation = run.inputs.evaluation
+    results: dict = {"name": cfg.name, "epochs": cfg.train.stop_at_epoch, "steps": state.step,
+                     "history": state.history, "final_losses": run.ctx.last_losses,
                      "throughput_pairs_per_s": sum(rates) / len(rates) if rates else None,
                      "skipped_steps": state.skipped, "untrained": state.untrained,
-                     "num_classes": len(run.inputs.test_index.classes), "components": run.components.to_dict(),
+                     "training_data": training_data(run.args.data_dir, run.inputs.train_index),
+                     "evaluation": evaluation.to_dict(), "components": run.components.to_dict(),
                      "run": run.record, **({"earlier_runs": run.earlier_runs} if run.earlier_runs else {}),
                      "config": cfg.to_dict()}
+    if not evaluation.skipped:
+        results.update(knn_k=run.knn_k, knn_t=cfg.train.knn_t, num_classes=len(evaluation.test.classes))
     pictures = heatmap_inputs(run)
     # The last collective. Rank 0 carries on alone, and the other ranks end here rather than wait for it
     # in a barrier that its linear evaluation could outlast (engine.dist_timeout_s).
@@ -508,30 +562,18 @@ def finish(run: Run) -> dict:
             reference_path = os.path.join(run.args.ckpt_dir, f"{cfg.name}_reference.pth")
             export_reference_checkpoint(model, reference_path, epoch=cfg.train.stop_at_epoch)
             results["reference_checkpoint"] = reference_path
-        validating = run.val_loader is not None
-        retrieval = (cfg.eval is not False and cfg.eval.retrieval) or validating
-        results.update(evaluate(model, run.memory_loader, run.test_loader, run.knn_k, cfg.train.knn_t,
-                                retrieval=retrieval, progress=run.ctx.show_progress,
-                                autocast=eng.autocast(run.precision, run.info.device), val_loader=run.val_loader))
-        # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
-        scored = [h for h in state.history if "mAP" in h]
-        last = {"epoch": cfg.train.stop_at_epoch - 1, "knn_top1": results["knn_top1"], **results.get("retrieval", {}),
-                **({"validation": results["validation"]} if validating else {})}
-        if scored and scored[-1]["epoch"] != last["epoch"]:
-            scored.append(last)
-        results["retrieval_best"] = best_over_epochs(scored)
-        if validating:
-            results["selected_on_validation"] = select_on_validation(state.history, last)
-            results["validation_split"] = {"per_class": cfg.data.val_per_class, "images": len(run.inputs.val_index),
-                                           "train_images": len(run.inputs.train_index)}
-        results["linear_eval"] = end_of_run_linear_eval(run)
+        if not evaluation.skipped:
+            results.update(final_evaluation(run))
+        if cfg.logger.matplotlib:
+            results["curves"] = plot_curves(run.ctx.log.path, os.path.join(run.args.log_dir, "curves.png"))
         if pictures is not None:
             images, titles, maps = pictures
-            results["curves"] = plot_curves(run.ctx.log.path, os.path.join(run.args.log_dir, "curves.png"))
             results["heatmaps"] = write_heatmaps(model, images, os.path.join(run.args.log_dir, "heatmaps.png"),
                                                  titles=titles, maps=maps)
         _, report = write_training_report(results, run.args.log_dir)
-        print(training_summary(results))
+        summary = training_summary(results)
+        if summary:  # nothing to sum up when nothing was evaluated
+            print(summary)
         print(f"report written to {report}")
     return results
 
@@ -542,7 +584,7 @@ def evaluate_only(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inp
     model, _ = load_model(args.eval_from, cfg.model.name, cfg.to_dict())
     model = model.to(info.device)
     memory_loader, test_loader, _, components.data = eval_loaders(cfg, args, inputs, info, cfg.data.backend)
-    knn_k = min(cfg.train.knn_k, len(inputs.train_index))
+    knn_k = min(cfg.train.knn_k, len(inputs.evaluation.bank))
     results = {"checkpoint": args.eval_from, "knn_k": knn_k, "knn_t": cfg.train.knn_t, "run": run_record(info)}
     precision = components.precision
     results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t,
@@ -561,6 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = check_inputs(args, cfg)
     info = start_process(args, cfg)
     components = selfcheck.start_checks(cfg, info.device)
+    if inputs.evaluation.skipped and info.is_main:
+        print(f"evaluation skipped: {inputs.evaluation.skipped}")
     if args.eval_from:
         return evaluate_only(args, cfg, info, inputs, components)
     if cfg.data.val_per_class:

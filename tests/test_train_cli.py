@@ -147,6 +147,7 @@ def test_validation_images_never_enter_a_training_batch(tmp_path, monkeypatch):
     val = {path for path, _ in inputs.val_index.samples}
     trained = {path for path, _ in inputs.train_index.samples}
     assert len(val) == 6 and len(trained) == 12 and not val & trained
+    assert inputs.evaluation.bank is inputs.train_index, "the kNN bank holds no validation image either"
     assert sorted(label for _, label in inputs.val_index.samples) == [0, 0, 1, 1, 2, 2]
     assert {path for path, _ in _held_out(tmp_path)[1].val_index.samples} == val, "the seed fixes the split"
     assert {path for path, _ in _held_out(tmp_path, "seed=1")[1].val_index.samples} != val

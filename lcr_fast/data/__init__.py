@@ -19,7 +19,9 @@ import torch
 
 from ..errors import FallbackError
 
-from .folder import DatasetError, FolderIndex, check_hold_out, check_same_classes, hold_out, scan_split
+from .evaluation import Evaluation, evaluation_data
+from .folder import (UNLABELED, DatasetError, FolderIndex, check_hold_out, check_same_classes, hold_out,
+                     scan_split, scan_training_images)
 from .torch_loader import TorchEvalLoader, TorchTrainLoader
 
 BACKENDS = ("dali", "torchvision")
@@ -46,12 +48,13 @@ def resolve_backend(backend: str) -> str:
 def build_train_loader(data_dir: str | os.PathLike, recipe: str, batch_size: int, image_size: int, backend: str,
                        device: torch.device | str, num_threads: int, seed: int, shard_id: int = 0, num_shards: int = 1,
                        *, index: FolderIndex | None = None, micro_batches: int = 1):
-    """Two-view training batches ``(view1, view2, labels)`` of one rank's shard of ``data_dir/train``;
-    ``micro_batches`` batches of ``batch_size`` make one optimizer step (gradient accumulation).
+    """Two-view training batches ``(view1, view2, labels)`` of one rank's shard of the training images of
+    ``data_dir`` (``scan_training_images``: ``train/``'s class folders, or unlabeled images, whose labels
+    are all UNLABELED); ``micro_batches`` batches of ``batch_size`` make one optimizer step (gradient accumulation).
 
     The first ten parameters are the public signature (DESIGN.md) and may come by position; the
     loaders themselves take keywords only."""
-    index = index or scan_split(data_dir, "train")
+    index = index or scan_training_images(data_dir)
     backend = resolve_backend(backend)
     common = dict(recipe=recipe, batch_size=batch_size, image_size=image_size, device=device, seed=seed,
                   shard_id=shard_id, num_shards=num_shards, micro_batches=micro_batches)
@@ -119,6 +122,7 @@ def checked_loader(build: Callable[[str], Any], backend: str, device: torch.devi
 
 
 __all__ = [
-    "BACKENDS", "DATA_PATHS", "DatasetError", "FolderIndex", "build_eval_loader", "build_train_loader",
-    "check_hold_out", "check_same_classes", "checked_loader", "data_paths", "hold_out", "resolve_backend", "scan_split",
+    "BACKENDS", "DATA_PATHS", "UNLABELED", "DatasetError", "Evaluation", "FolderIndex", "build_eval_loader",
+    "build_train_loader", "check_hold_out", "check_same_classes", "checked_loader", "data_paths", "evaluation_data",
+    "hold_out", "resolve_backend", "scan_split", "scan_training_images",
 ]

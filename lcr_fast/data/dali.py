@@ -46,9 +46,12 @@ solarize; flipping commutes with every later step, so it is fused into the crop'
 - Evaluation: Resize(int(S * 8/7), bicubic) + CenterCrop(S) is the single ROI resize of the box that
   the crop cuts out of the resized image.
 
-Decoding ignores EXIF orientation, as PIL's loader in torchvision's ImageFolder does. A file that
-passed the FolderIndex checks but cannot be read or decoded is skipped with a warning (and added to
-``index.skipped``); the next usable sample takes its place, so step counts stay equal across ranks.
+Decoding ignores EXIF orientation, as PIL's loader in torchvision's ImageFolder does. DALI's decoder,
+like PIL, reads a file by its content, whatever its name; a format it does not read (GIF, say: see
+``formats.DALI_FORMATS``), or a file it refuses that PIL reads, reaches it as a PNG of PIL's RGB pixels,
+so both backends train on the same images. A file that passed the FolderIndex checks but that neither
+reads is skipped with a warning (and added to ``index.skipped``); the next usable sample takes its
+place, so step counts stay equal across ranks.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -65,6 +69,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
 
 from .folder import DatasetError, FolderIndex
+from .formats import DALI_FORMATS, png_bytes, sniff_format
 from .recolour import recolour
 from .sharding import ShardedEpochs
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, eval_resize
@@ -74,6 +79,7 @@ _CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 _PREFETCH = 2
 DECODERS = ("mixed", "cpu")  # nvJPEG decoding with GPU operators, or DALI's CPU backend throughout
+_SNIFF_BYTES = 64  # enough for every signature formats.sniff_format knows
 _SOLARIZED = [v if v < 128 else 255 - v for v in range(256)]  # one table lookup instead of four arithmetic passes
 
 
@@ -398,6 +404,14 @@ def _decode_error(data: np.ndarray) -> str | None:
     return None
 
 
+def _pil_reads(path: str) -> bool:
+    try:
+        png_bytes(Path(path).read_bytes())
+    except Exception:  # PIL raises many types for files it cannot read
+        return False
+    return True
+
+
 class _Runner:
     """A DALI pipeline fed batch by batch from Python, yielding torch tensors on ``device``.
 
@@ -417,6 +431,7 @@ class _Runner:
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown DALI decoder {self.decoder!r}; expected one of {DECODERS}")
         self.bad: set[int] = set()
+        self.as_png: set[int] = set()  # samples DALI refused whose PIL decoding it gets as PNG bytes instead
         self._sizes: dict[int, tuple[int, int]] = {}
         self._pending: Iterator[tuple] = iter(())
         self._idle = None  # a pipeline between epochs
@@ -453,6 +468,8 @@ class _Runner:
                 i = (i + 1) % len(self.index)
             try:
                 data = np.fromfile(self.index.samples[i][0], dtype=np.uint8)
+                if i in self.as_png or sniff_format(data[:_SNIFF_BYTES].tobytes()) not in DALI_FORMATS:
+                    data = np.frombuffer(png_bytes(data.tobytes()), dtype=np.uint8)
                 if i not in self._sizes:
                     with Image.open(io.BytesIO(data)) as img:  # parses the header only
                         self._sizes[i] = (img.height, img.width)
@@ -468,13 +485,18 @@ class _Runner:
         return feed_order(self.input_names, inputs)
 
     def _find_bad(self, batches: Sequence[Sequence[int]]) -> bool:
-        """Probe the files of ``batches`` one by one with DALI's CPU decoder; skip those it rejects."""
+        """Probe the files of ``batches`` one by one with DALI's CPU decoder. A file it rejects is fed
+        as PNG from then on when PIL reads it (a CMYK JPEG, say), else skipped. True when any was."""
         found = False
         for i in sorted({self._read(i)[0] for batch in batches for i in batch}):
             reason = _decode_error(self._read(i)[1])
-            if reason:
+            if reason is None:
+                continue
+            found = True
+            if i not in self.as_png and _pil_reads(self.index.samples[i][0]):
+                self.as_png.add(i)
+            else:
                 self._skip(i, reason)
-                found = True
         return found
 
     def _to_torch(self, outputs) -> list[torch.Tensor]:

@@ -1,7 +1,9 @@
-"""Index an ImageFolder split (``<data_dir>/<split>/<class>/<image>``) and find unusable files.
+"""Index an ImageFolder split (``<data_dir>/<split>/<class>/<image>``) or a folder of unlabeled images,
+and find unusable files.
 
 Both data backends read the same index, so a file that one backend would skip is skipped by the
 other too, and labels always follow the sorted class-folder names as torchvision's ImageFolder does.
+An unlabeled index has no classes and gives every sample the label UNLABELED.
 """
 from __future__ import annotations
 
@@ -12,14 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import UserError
+from .formats import IMAGE_EXTENSIONS, check_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_JPEG_EXTENSIONS = (".jpg", ".jpeg")
-# A JPEG ends with the EOI marker; writers may pad a few bytes after it, so look at the tail.
-_JPEG_TAIL_BYTES = 1024
+UNLABELED = -1  # the label of every image of an unlabeled folder; loaders pass it on as they read it
 
 
 class DatasetError(UserError, ValueError):
@@ -36,26 +34,34 @@ class FolderIndex:
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def labeled(self) -> bool:
+        return bool(self.classes)
 
-def check_image(path: str) -> str | None:
-    """Return why ``path`` cannot be decoded, or None when it looks whole.
 
-    Header parse plus PIL's verify catches most damage; truncated JPEGs pass both, so the
-    end-of-image marker is checked as well, which costs one small read instead of a full decode.
-    """
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as img:
-            img.verify()
-        if path.lower().endswith(_JPEG_EXTENSIONS):
-            with open(path, "rb") as f:
-                f.seek(max(0, os.path.getsize(path) - _JPEG_TAIL_BYTES))
-                if b"\xff\xd9" not in f.read():
-                    return "truncated JPEG (no end-of-image marker)"
-    except Exception as exc:  # PIL raises many types for broken files
-        return f"cannot decode: {type(exc).__name__}: {exc}"
-    return None
+def _image_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (links followed) whose extension is an image's, in sorted order."""
+    found = []
+    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+        found += [os.path.join(dirpath, name) for name in sorted(filenames) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def _checked(candidates: list[tuple[str, int]], split: str, check: bool,
+             num_threads: int) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(usable samples, (path, reason) of the others) of ``candidates``; one warning counts the skipped."""
+    if check:
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            reasons = list(pool.map(check_image, [path for path, _ in candidates]))
+    else:
+        reasons = [None] * len(candidates)
+    samples = [sample for sample, reason in zip(candidates, reasons) if reason is None]
+    skipped = [(path, reason) for (path, _), reason in zip(candidates, reasons) if reason is not None]
+    if skipped:
+        examples = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+        warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {len(candidates)} ({examples})",
+                      stacklevel=3)
+    return samples, skipped
 
 
 def scan_split(data_dir: str | os.PathLike, split: str, check: bool = True, num_threads: int = 8) -> FolderIndex:
@@ -74,34 +80,51 @@ def scan_split(data_dir: str | os.PathLike, split: str, check: bool = True, num_
                            f"(expected {str(root)!r} with one sub-folder per class)")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise DatasetError(f"{str(root)!r} has no class sub-folders")
+        loose = " (it holds images, but labels come from class folders)" if _image_files(root) else ""
+        raise DatasetError(f"{str(root)!r} has no class sub-folders{loose}")
 
-    candidates: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        for dirpath, _, filenames in sorted(os.walk(root / name, followlinks=True)):
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    candidates.append((os.path.join(dirpath, filename), label))
-
-    if check:
-        with ThreadPoolExecutor(max_workers=num_threads) as pool:
-            reasons = list(pool.map(check_image, [path for path, _ in candidates]))
-    else:
-        reasons = [None] * len(candidates)
-    samples = [sample for sample, reason in zip(candidates, reasons) if reason is None]
-    skipped = [(path, reason) for (path, _), reason in zip(candidates, reasons) if reason is not None]
-
+    candidates = [(path, label) for label, name in enumerate(classes) for path in _image_files(root / name)]
+    samples, skipped = _checked(candidates, split, check, num_threads)
     counts = [0] * len(classes)
     for _, label in samples:
         counts[label] += 1
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
         raise DatasetError(f"class folder(s) with no usable image in {str(root)!r}: {', '.join(empty)}")
-    if skipped:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
-        warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {len(candidates)} ({examples})",
-                      stacklevel=2)
     return FolderIndex(root=root, classes=classes, samples=samples, skipped=skipped)
+
+
+def scan_training_images(data_dir: str | os.PathLike, check: bool = True, num_threads: int = 8) -> FolderIndex:
+    """The images a run trains on, in the first layout of these that ``data_dir`` has:
+
+    - ``train/`` with class sub-folders: the reference's ImageFolder split, labeled (``scan_split``);
+    - ``train/`` holding images and no sub-folder: those images, unlabeled;
+    - no ``train/`` (nor ``test/``, which would mean a reference layout that lacks its train/): every
+      image under ``data_dir``, sub-folders included, unlabeled.
+
+    Raises DatasetError for a folder with no usable image.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        problem = "is a file, not a directory" if data_dir.exists() else "does not exist"
+        raise DatasetError(f"data directory {str(data_dir)!r} {problem}")
+    root = data_dir / "train"
+    if root.is_dir():
+        if any(entry.is_dir() for entry in os.scandir(root)):
+            return scan_split(data_dir, "train", check, num_threads)
+    elif (data_dir / "test").is_dir():
+        raise DatasetError(f"{str(data_dir)!r} has a 'test' folder but no 'train' folder (expected "
+                           f"{str(root)!r} with one sub-folder per class, or with the unlabeled images themselves)")
+    else:
+        root = data_dir
+    candidates = [(path, UNLABELED) for path in _image_files(root)]
+    if not candidates:
+        raise DatasetError(f"{str(root)!r} holds no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    samples, skipped = _checked(candidates, "train", check, num_threads)
+    if not samples:
+        raise DatasetError(f"none of the {len(candidates)} image file(s) in {str(root)!r} can be read "
+                           f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+    return FolderIndex(root=root, classes=[], samples=samples, skipped=skipped)
 
 
 def check_same_classes(train: FolderIndex, test: FolderIndex) -> None:
