@@ -110,7 +110,9 @@ def scan_training_images(data_dir: str | os.PathLike, check: bool = True, num_th
         raise DatasetError(f"data directory {str(data_dir)!r} {problem}")
     root = data_dir / "train"
     if root.is_dir():
-        if any(entry.is_dir() for entry in os.scandir(root)):
+        with os.scandir(root) as entries:  # closed here: any() stops at the first class folder
+            labeled = any(entry.is_dir() for entry in entries)
+        if labeled:
             return scan_split(data_dir, "train", check, num_threads)
     elif (data_dir / "test").is_dir():
         raise DatasetError(f"{str(data_dir)!r} has a 'test' folder but no 'train' folder (expected "
