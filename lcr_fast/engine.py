@@ -217,6 +217,9 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # On by default, the throughput timer synchronises the device at every forward and step: the host
+        # could never run ahead of the GPU. We time steps ourselves, at log intervals.
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision in _AUTOCAST_DTYPES:
         # Autocast with fp32 parameters (so fp32 master weights, BN statistics, EMA target and queue); fp16
