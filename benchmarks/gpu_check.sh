@@ -6,6 +6,9 @@
 #                  benchmarks/gpu_wheels.sh), then this package (editable, no dependencies, no index)
 #   doctor         lcr-doctor: versions, the GPU, the kernels' start-up self-check on CUDA, data paths, 20 steps
 #   kernel_tests   tests/test_kernel_*.py on CUDA (the ahead-of-time compile test runs on CPUs, not here)
+#   gpu_paths      tests/test_cuda_paths.py: no synchronising CUDA call in BYOL's and MoCo's training steps
+#                  (torch's sync debug mode), DeepSpeed binding device 0 for a local rank beyond the visible
+#                  GPUs, CUDA RNG states of more GPUs than there are, --device made current, heatmaps on CUDA
 #   kernel_bench   fused kernels against the eager torch compositions (benchmarks/kernel_bench.py)
 #   step_bench     ours (bf16, channels_last) against the reference's fp32 eager step, batch 128, 224 px,
 #                  through the trainer's own step (benchmarks/step_bench.py)
@@ -17,7 +20,8 @@
 #
 # Without a GPU (or with CUDA_VISIBLE_DEVICES=) the GPU stages are reported as skipped. Each stage writes
 # stages.json (every stage so far: status, exit code, wall and timeout seconds) and its own JSON as soon
-# as it ends; all output also goes to gpu_check.log. That is 8 files at most, what a run brings back.
+# as it ends (gpu_paths writes none: its output is in the log); all output also goes to gpu_check.log. That is
+# 8 files at most, what a run brings back. docs/gpu-readiness.md maps every CUDA-only branch to its stage.
 # PYTHON picks the interpreter: .venv/bin/python where there is one, else python3 (the GPU image's torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +44,7 @@ mkdir -p "$RESULTS"
 : > "$LOG"
 
 # Seconds per stage; the sum is the script's bound (kill-after adds 2 s per stage that ignores SIGTERM).
-declare -A LIMIT=([install]=30 [doctor]=75 [kernel_tests]=80 [kernel_bench]=45 [step_bench]=75
+declare -A LIMIT=([install]=30 [doctor]=75 [kernel_tests]=80 [gpu_paths]=30 [kernel_bench]=45 [step_bench]=75
                   [step_compile]=85 [e2e_bench]=60)
 BUDGET=480
 TOTAL=0
@@ -54,7 +58,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 say "gpu_check: python $PY, GPU visible: $([ "$GPU" = 1 ] && echo yes || echo no), dry run: $([ "$DRY_RUN" = 1 ] \
-    && echo yes || echo no); 7 stages, timeouts sum to ${TOTAL} s (budget ${BUDGET} s)"
+    && echo yes || echo no); ${#LIMIT[@]} stages, timeouts sum to ${TOTAL} s (budget ${BUDGET} s)"
 if [ "$GPU" = 1 ]; then nvidia-smi 2>&1 | tee -a "$LOG" > /dev/null; fi
 
 RECORDS=()
@@ -129,6 +133,8 @@ KERNEL_TESTS=()
 for f in tests/test_kernel_*.py; do [ "$f" = tests/test_kernel_compile.py ] || KERNEL_TESTS+=("$f"); done
 stage kernel_tests 1 kernel_tests.xml "$PY" -m pytest "${KERNEL_TESTS[@]}" -q -p no:cacheprovider "${XDIST[@]}" \
     --junitxml="$RESULTS/kernel_tests.xml"
+# Right after the kernel tests, whose launches leave Triton's cache warm for these.
+stage gpu_paths 1 "" "$PY" -m pytest tests/test_cuda_paths.py -q -p no:cacheprovider -rs
 stage kernel_bench 1 kernel_bench.json "$PY" benchmarks/kernel_bench.py --rep 25 --json "$RESULTS/kernel_bench.json"
 stage step_bench 1 step_bench.json "$PY" benchmarks/step_bench.py --batch 128 --size 224 --precision bf16 \
     --steps 6 --warmup 2 --json "$RESULTS/step_bench.json"

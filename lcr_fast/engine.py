@@ -97,15 +97,20 @@ def init_distributed(timeout_s: int = 600, local_rank: int | None = None, launch
     import deepspeed
 
     launch = launch or resolve_launch(local_rank)
-    # DeepSpeed and torch read the group from these; with all five set, DeepSpeed's own MPI discovery stays out.
-    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
-                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     if torch.cuda.is_available():
         index = _cuda_index(launch.local_rank)
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
     else:
-        device = torch.device("cpu")
+        index, device = launch.local_rank, torch.device("cpu")
+    # DeepSpeed and torch read the group from these; with all five set, DeepSpeed's own MPI discovery stays out.
+    # DeepSpeed takes LOCAL_RANK for the CUDA device it binds (init_process_group's device_id, the engine's
+    # set_device): it must name this process's GPU among those it sees, not the launcher's local rank.
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(index),
+                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        # DeepSpeed's engine asserts that OpenMPI's local rank equals LOCAL_RANK.
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
     if not dist.is_initialized():
         try:
             if launch.rank > 0:
@@ -212,6 +217,9 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # On by default, the throughput timer synchronises the device at every forward and step: the host
+        # could never run ahead of the GPU. We time steps ourselves, at log intervals.
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision in _AUTOCAST_DTYPES:
         # Autocast with fp32 parameters (so fp32 master weights, BN statistics, EMA target and queue); fp16

@@ -67,6 +67,13 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
         raise InputError(f"unknown --device {name!r} ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} asked for, but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name} asked for, but CUDA is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {name} asked for, but {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+        if device.index is not None:
+            # Triton launches on the current device, not on its tensors': it must be the one the model is on.
+            torch.cuda.set_device(device)
     return device

@@ -5,10 +5,15 @@ On a GPU each such read (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, 
 ops whose output size depends on data) waits for the device and stalls the launch queue. On the CPU
 they cost nothing, but they pass through the same dispatcher ops, which a TorchDispatchMode counts.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lcr_fast
+import lcr_fast.kernels
 from lcr_fast import engine as eng
 from lcr_fast import loop
 from lcr_fast.config import load_config
@@ -64,10 +69,9 @@ class Batches:
         return iter(self.pairs[self.start_step:])
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "moco_demo.yaml"])
-def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch, config):
-    # The demo configs as shipped (channels_last, LARS or SGD, on_nonfinite=stop); batch 4 at 32 px for a
-    # 2-core CPU, MoCo's queue to fit it, and a log interval that leaves non-log steps between log steps.
+def _epoch(tmp_path, config: str):
+    """The demo config as shipped (channels_last, LARS or SGD, on_nonfinite=stop); batch 4 at 32 px for a
+    2-core CPU, MoCo's queue to fit it, and a log interval that leaves non-log steps between log steps."""
     overrides = {"train": {"batch_size": 4}, "dataset": {"image_size": 32}, "engine": {"log_interval": LOG_INTERVAL}}
     if config.startswith("moco"):
         overrides["model"] = {"moco_k": 16}
@@ -81,6 +85,12 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch, config):
     ctx = EpochContext(loader=Batches(STEPS, 4, 32), log=log, watch=NonFiniteWatch(info.device, 0.01),
                        stop=StopRequest(), device=info.device, world_size=1, global_batch=4, log_interval=LOG_INTERVAL,
                        num_epochs=1, stop_on_nonfinite=True, show_progress=False)
+    return parts, state, ctx
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "moco_demo.yaml"])
+def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch, config):
+    parts, state, ctx = _epoch(tmp_path, config)
     counter = SyncCounter(state)
     step = loop.train_step
 
@@ -104,3 +114,56 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch, config):
     assert counter.inside == 0, "train_step (schedule, EMA, forward, backward, engine step) read a device value"
     log_steps = {1} | set(range(LOG_INTERVAL, STEPS + 1, LOG_INTERVAL))
     assert set(counter.between) == log_steps, counter.between  # the losses are read at log steps, and only there
+
+
+OUR_CODE = (Path(lcr_fast.__file__).parent, Path(lcr_fast.kernels.__file__).parent)
+
+
+def _host_copy_in_our_code(t: torch.Tensor, args, kwargs) -> bool:
+    """``t.to(<a device>)`` from host memory, blocking, called by our code: DeepSpeed's own ``.to`` calls in the
+    step move tensors that are already on the GPU there (``clip_grad_norm_``'s norm), where they cost nothing."""
+    names_device = "device" in kwargs or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args)
+    if t.device.type != "cpu" or not names_device or kwargs.get("non_blocking", False):
+        return False
+    caller = Path(sys._getframe(2).f_code.co_filename).resolve()
+    return any(caller.is_relative_to(root) for root in OUR_CODE)
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "moco_demo.yaml"])
+def test_no_device_synchronize_or_blocking_copy_in_the_step(tmp_path, monkeypatch, config):
+    """On the CPU both cost nothing, so they are counted where they are asked for: the accelerator's
+    ``synchronize`` (DeepSpeed's throughput timer called it at every forward and step), and copies from host
+    memory to a named device without ``non_blocking`` (on a GPU they wait for the stream to drain)."""
+    from deepspeed.accelerator import get_accelerator
+
+    parts, state, ctx = _epoch(tmp_path, config)
+    accelerator = get_accelerator()
+    synchronize, to = accelerator.synchronize, torch.Tensor.to
+    calls = {"synchronize": 0, "steps": 0}
+    blocking = []
+
+    def counted_synchronize(*args, **kwargs):
+        calls["synchronize"] += 1
+        return synchronize(*args, **kwargs)
+
+    def counted_to(t, *args, **kwargs):
+        if _host_copy_in_our_code(t, args, kwargs):
+            blocking.append((tuple(t.shape), args, kwargs))
+        return to(t, *args, **kwargs)
+
+    step = loop.train_step
+
+    def counted_step(*args):
+        calls["steps"] += 1
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "to", counted_to)
+            return step(*args)
+
+    monkeypatch.setattr(accelerator, "synchronize", counted_synchronize)
+    monkeypatch.setattr(loop, "train_step", counted_step)
+    assert run_epoch(parts, state, ctx) is False
+    ctx.log.close()
+
+    assert calls["steps"] == STEPS
+    found = {"device synchronisations": calls["synchronize"], "blocking host-to-device copies": blocking}
+    assert found == {"device synchronisations": 0, "blocking host-to-device copies": []}, f"in {STEPS} steps"

@@ -1,6 +1,8 @@
 """Model construction from a config."""
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -32,7 +34,9 @@ def compile_backbones(model: nn.Module, mode: str) -> None:
     options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
     for module in model.modules():
         if isinstance(module, ResNetTrunk):
-            module.forward = torch.compile(module.forward, **options)
+            # The class's forward, compiled and bound as a method: copy.deepcopy rebinds a method to the copy,
+            # while a compiled bound forward would keep running the original trunk from every copy.
+            module.forward = types.MethodType(torch.compile(type(module).forward, **options), module)
 
 
 def eager_backbones(model: nn.Module) -> None:

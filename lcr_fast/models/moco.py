@@ -123,7 +123,8 @@ class MoCo(LCRModel):
         """
         world, rank = _world()
         x_all = concat_all_gather(im_k)
-        perm = torch.randperm(x_all.shape[0]).to(im_k.device)
+        # Non-blocking: a blocking host-to-device copy waits for the stream, that is for the whole step so far.
+        perm = torch.randperm(x_all.shape[0]).to(im_k.device, non_blocking=True)
         if world > 1:
             dist.broadcast(perm, src=0)
         feat = self.key_backbone(x_all[perm.view(world, -1)[rank]])
