@@ -43,7 +43,7 @@ def _run_variant(args) -> dict:
     backend = "torchvision" if args.variant == "reference" else resolve_backend("dali")
     loader = build_train_loader(index.root, "byol", args.batch, args.size, backend, device, args.threads, 0,
                                 index=index)
-    step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision)
+    step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, size=args.size)
     batches = iter(loader)
     for i in range(args.warmup):
         x1, x2, _ = next(batches)

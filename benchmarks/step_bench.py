@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from lcr_fast.config import DEFAULTS  # noqa: E402
+from op_profile import profile_steps  # noqa: E402
 from peak import machine_peaks, step_flops  # noqa: E402
 
 
@@ -39,10 +40,10 @@ ENGINE = DEFAULTS["engine"]  # the trainer's defaults, which the benchmarks meas
 
 
 def build_variant(variant: str, arch: str, device: torch.device, batch: int, precision: str = ENGINE["precision"],
-                  channels_last: bool = ENGINE["channels_last"],
-                  compile_mode: str = ENGINE["compile"]) -> tuple[Step, dict]:
-    """``step(i, view1, view2) -> loss`` of one variant, the reference's or the trainer's own, and what it
-    runs: its precision (with the reason, for ours) and memory layout."""
+                  channels_last: bool = ENGINE["channels_last"], compile_mode: str = ENGINE["compile"],
+                  size: int = 112) -> tuple[Step, dict]:
+    """``step(i, view1, view2) -> loss`` of one variant, the reference's or the trainer's own, on images of
+    ``size`` px, and what it runs: its precision (with the reason, for ours), memory layout and compile mode."""
     torch.manual_seed(0)
     if variant == "reference":
         from lcr_fast.reference import (ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule,
@@ -51,13 +52,15 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
         model = ReferenceBYOL(ReferenceResNet(arch, maxpool=False)).to(device).train()
         opt = ReferenceLARS(model, lr=0.3 * batch / 256)
         sched = ReferenceSchedule(opt, 10, 0.0, 800, 0.3 * batch / 256, 0.0, 100)
-        ran = {"precision": "fp32", "precision_reason": "the reference: fp32 eager", "layout": "contiguous"}
+        ran = {"precision": "fp32", "precision_reason": "the reference: fp32 eager", "layout": "contiguous",
+               "compile": "none (the reference: eager)"}
         return (lambda i, x1, x2: reference_train_step(model, opt, sched, x1, x2)["loss"]), ran
 
     from lcr_fast import engine as eng
     from lcr_fast.config import load_config
     from lcr_fast.loop import StepParts, train_step
     from lcr_fast.optim import build_schedule
+    from lcr_fast.selfcheck import check_compile
     from lcr_fast.train import build_engine
 
     backbone = "resnet50_cub200" if arch == "resnet50" else arch
@@ -69,10 +72,12 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
     info = eng.init_distributed(cfg.engine.dist_timeout_s)
     choice = eng.choose_precision(precision, device, strict=True)
     model, engine, optimizer, _ = build_engine(cfg, info, choice.precision)
+    # The trainer's start-up check compiles and runs the trunks; strict, a failure ends the benchmark.
+    compiled = check_compile(model, compile_mode, batch, size, channels_last, choice.precision, device, strict=True)
     parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=build_schedule(cfg, 100), pieces=1,
                       channels_last=channels_last)
     ran = {"precision": choice.precision, "precision_reason": choice.reason,
-           "layout": "channels_last" if channels_last else "contiguous"}
+           "layout": "channels_last" if channels_last else "contiguous", "compile": compiled}
     return (lambda i, x1, x2: train_step(parts, [(x1, x2)], i).terms[0]), ran
 
 
@@ -86,7 +91,7 @@ def peak_memory(device: torch.device) -> int:
 def _run_variant(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last,
-                              args.compile)
+                              args.compile, args.size)
     g = torch.Generator(device="cpu").manual_seed(0)
     x1 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
@@ -102,9 +107,13 @@ def _run_variant(args) -> dict:
     seconds = (time.perf_counter() - tic) / args.steps
     peak = peak_memory(device)
     flops = step_flops(lambda: step(args.warmup + args.steps, x1, x2))  # after the timing: the counter slows it
+    # One profiled step after the timed ones (the profiler slows a step): where its operator time went.
+    ops = profile_steps(step, x1, x2, args.warmup + args.steps + 1, 1) if args.profile else None
     return {"variant": args.variant, "device": device.type, "s_per_step": seconds, "pairs_per_s": args.batch / seconds,
             "peak_bytes": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-            "gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / seconds, **ran}
+            "gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / seconds,
+            **({"op_s_per_step": ops.total_s, "outside_conv_share": 1 - ops.convolution_share,
+                "top_ops": ops.top(8)} if ops else {}), **ran}
 
 
 def add_common_arguments(p: argparse.ArgumentParser, steps: int) -> None:
@@ -130,10 +139,13 @@ def run_variant(cmd: list[str], variant: str) -> dict:
 def describe(variant: str, r: dict, peaks: dict[str, dict]) -> str:
     """One side's line: its speed, memory, what it ran and the share of the machine's peak it reaches."""
     share = r["gflops"] / peaks[r["precision"]]["gflops"]
+    ops = (f"\n{'':>11}profiled step: {r['op_s_per_step']:.3f} s of operator self time, "
+           f"{100 * r['outside_conv_share']:.1f}% of it outside the convolutions" if "op_s_per_step" in r else "")
     return (f"{variant:>9}: {r['s_per_step']:.3f} s/step  {r['pairs_per_s']:.2f} pairs/s  "
             f"peak {r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']})\n"
-            f"{'':>11}{r['precision']} ({r['precision_reason']}), {r['layout']}; {r['gflop_per_step']:.1f} GFLOP/step, "
-            f"{r['gflops']:.1f} GFLOP/s = {100 * share:.0f}% of this machine's {r['precision']} matmul peak")
+            f"{'':>11}{r['precision']} ({r['precision_reason']}), {r['layout']}, compile {r['compile']}; "
+            f"{r['gflop_per_step']:.1f} GFLOP/step, "
+            f"{r['gflops']:.1f} GFLOP/s = {100 * share:.0f}% of this machine's {r['precision']} matmul peak" + ops)
 
 
 def measure_peaks(device: torch.device) -> dict[str, dict]:
@@ -173,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ours with engine.channels_last (default: the trainer's); the reference stays contiguous")
     p.add_argument("--compile", default=ENGINE["compile"], choices=["none", "default", "reduce-overhead", "aot_eager"],
                    help="torch.compile our ResNet trunks, as engine.compile (reduce-overhead: with CUDA graphs)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the timed steps, profile one more: the share of operator time outside convolutions")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference (--no-reference: ours alone, e.g. a second, compiled run)")
     return p
@@ -189,7 +203,8 @@ def main() -> None:
     for variant in ("reference", "ours") if args.reference else ("ours",):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch,
                "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--profile" if args.profile else "--no-profile"]
         cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
         results[variant] = run_variant(cmd, variant)
         print(describe(variant, results[variant], results["machine_peak"]))

@@ -16,13 +16,11 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from op_profile import profile_steps  # noqa: E402
 from step_bench import ENGINE, build_variant  # noqa: E402
-
-CONVOLUTION = ("conv", "mkldnn_convolution")  # operator names that are convolution forward or backward
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--precision", default=ENGINE["precision"], choices=["auto", "fp32", "bf16"])
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=ENGINE["channels_last"])
+    p.add_argument("--compile", default=ENGINE["compile"], choices=["none", "default", "reduce-overhead", "aot_eager"])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--top", type=int, default=15)
@@ -44,27 +43,20 @@ def main() -> None:
     args = build_parser().parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last)
+    step, ran = build_variant(args.variant, args.arch, device, args.batch, args.precision, args.channels_last,
+                              args.compile)
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     for i in range(args.warmup):
         step(i, x1, x2)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for i in range(args.steps):
-            loss = step(args.warmup + i, x1, x2)
-        float(loss)
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
+    prof = profile_steps(step, x1, x2, args.warmup, args.steps)
     print(f"{args.variant}: {args.arch}, batch {args.batch}, {args.size} px, {ran['precision']} "
-          f"({ran['precision_reason']}), {ran['layout']}; {args.steps} profiled steps, "
-          f"{total / 1e6 / args.steps:.2f} s/step of operator self time")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
-        print(f"{100 * e.self_cpu_time_total / total:6.1f}%  {e.self_cpu_time_total / 1e6 / args.steps:7.3f} s/step  "
-              f"{e.count // args.steps:5d} calls/step  {e.key}")
-    conv = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in CONVOLUTION))
-    print(f"convolutions (forward and backward): {100 * conv / total:.1f}% of the operator self time")
+          f"({ran['precision_reason']}), {ran['layout']}, compile {ran['compile']}; {args.steps} profiled steps, "
+          f"{prof.total_s:.2f} s/step of operator self time")
+    print("\n".join(prof.top(args.top)))
+    print(f"convolutions (forward and backward): {100 * prof.convolution_share:.1f}% of the operator self time, "
+          f"{100 * (1 - prof.convolution_share):.1f}% outside them")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import argparse
 import os
 import sys
 
-from lcr_fast import engine as eng
 from lcr_fast import methods
 from lcr_fast.backbone_export import WEIGHT_SUFFIXES, write_backbone
 from lcr_fast.checkpoint import check_checkpoint_file, check_creatable, safe_load
 from lcr_fast.errors import run_cli
+from lcr_fast.eval.numerics import EvalNumerics
 from lcr_fast.feature_export import FEATURE_SUFFIXES, extract_folder, feature_record, index_images, write_features
 from lcr_fast.loading import load_for_eval, resolve_device
 
@@ -102,15 +102,16 @@ def export_features(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, cfg = load_for_eval(args.ckpt, args.method, args.config)
     model = model.to(device).eval()
-    precision = eng.resolve_precision(cfg.engine.precision, device)
+    numerics = EvalNumerics.of_run(cfg, device)
     batch_size = args.batch_size or cfg.data.eval_batch_size or cfg.train.batch_size
     image_size = args.image_size or cfg.dataset.image_size
     workers = min(cfg.dataset.num_workers, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
     feats = extract_folder(model, index, batch_size=batch_size, image_size=image_size, device=device,
-                           num_workers=workers, autocast=eng.autocast(precision, device),
+                           num_workers=workers, numerics=numerics,
                            progress=not args.hide_progress)
     meta = {"checkpoint": os.path.abspath(args.ckpt), "method": cfg.model.name, "image_size": image_size,
-            "batch_size": batch_size, "precision": precision, "device": str(device),
+            "batch_size": batch_size, "precision": numerics.precision,
+            "channels_last": numerics.channels_last, "device": str(device),
             "transform": "Resize(8/7 of the crop, bicubic) + CenterCrop + ImageNet normalisation"}
     out = write_features(feature_record(index, feats, meta), args.out)
     labels = f", {len(index.classes)} classes" if index.classes else ", no labels"

@@ -12,7 +12,6 @@ on those batches.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -30,6 +29,7 @@ from .data import FolderIndex, TorchEvalLoader, scan_split
 from .data.folder import IMAGE_EXTENSIONS, DatasetError, check_image
 from .errors import InputError
 from .eval.features import extract_features
+from .eval.numerics import EvalNumerics
 
 FEATURES_FORMAT = "lcr-fast-features/1"
 FEATURE_SUFFIXES = (".npz", ".pt")
@@ -83,14 +83,15 @@ def index_images(folder: str | os.PathLike) -> FolderIndex:
 
 
 def extract_folder(model: nn.Module, index: FolderIndex, *, batch_size: int, image_size: int,
-                   device: torch.device, num_workers: int, autocast: Any = None,
+                   device: torch.device, num_workers: int, numerics: EvalNumerics | None = None,
                    progress: bool = True) -> dict[str, torch.Tensor]:
     """``model.extract``'s gap and rationale features of every image of ``index``, in its order, on the CPU;
-    the images in the evaluation transform (Resize 8/7 + CenterCrop, bicubic), ``batch_size`` at a time."""
+    the images in the evaluation transform (Resize 8/7 + CenterCrop, bicubic), ``batch_size`` at a time, in
+    ``numerics`` (the run's precision and layout, as lcr-eval computes)."""
     loader = TorchEvalLoader(index, batch_size=batch_size, image_size=image_size, device=device,
                              num_workers=num_workers)
     feats, _ = extract_features(model, loader, keys=FEATURE_KEYS, progress=progress, desc="features",
-                                autocast=autocast or contextlib.nullcontext())
+                                numerics=numerics)
     return {k: v.cpu() for k, v in feats.items()}
 
 

@@ -319,7 +319,8 @@ def evaluation_markdown(results: dict) -> str:
              + (f" / {results['num_train']} train" if results.get("num_train") else "")
              + (f" (less {results['held_out_per_class']} per class held out for validation by the run)"
                 if results.get("held_out_per_class") else "") + " images, "
-             f"{feats} features, {results['device']} ({results['precision']}).", "",
+             f"{feats} features, {results['device']} ({results['precision']}"
+             + (", channels_last" if results.get("channels_last") else "") + ").", "",
              "| protocol | features | metric | value (%) |", "| --- | --- | --- | --- |"]
     if "retrieval" in results:
         r = results["retrieval"]

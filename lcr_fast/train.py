@@ -46,6 +46,7 @@ from lcr_fast.data import (DatasetError, Evaluation, FolderIndex, build_eval_loa
 from lcr_fast.errors import run_cli
 from lcr_fast.eval.features import evaluate
 from lcr_fast.eval.linear import linear_eval_lcr
+from lcr_fast.eval.numerics import EvalNumerics
 from lcr_fast.loading import load_model
 from lcr_fast.loop import EpochContext, NonFiniteWatch, RunState, StepParts, StopRequest, run_epoch
 from lcr_fast.models import build_model, compile_backbones
@@ -273,6 +274,11 @@ class Run:
         return os.path.join(self.args.ckpt_dir, "last.pt")
 
     @property
+    def numerics(self) -> EvalNumerics:
+        """What every evaluation of this run computes in, as ``lcr-eval`` does on its checkpoint."""
+        return EvalNumerics.of_run(self.cfg, self.info.device, self.precision)
+
+    @property
     def knn_k(self) -> int:
         bank = self.inputs.evaluation.bank
         return self.cfg.train.knn_k if bank is None else min(self.cfg.train.knn_k, len(bank))
@@ -388,7 +394,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
         return
     scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, train.knn_t,
                       retrieval=retrieval_due or validating, progress=run.ctx.show_progress,
-                      autocast=eng.autocast(run.precision, run.info.device), val_loader=run.val_loader)
+                      numerics=run.numerics, val_loader=run.val_loader)
     entry = {"epoch": epoch, **({"knn_top1": scores["knn_top1"]} if knn_due or validating else {}),
              **scores.get("retrieval", {})}
     if validating:
@@ -410,7 +416,7 @@ def evaluate_untrained(run: Run) -> None:
         return
     with torch.random.fork_rng(devices=[]):
         scores = evaluate(run.parts.model, run.memory_loader, run.test_loader, run.knn_k, run.cfg.train.knn_t,
-                          progress=run.ctx.show_progress, autocast=eng.autocast(run.precision, run.info.device))
+                          progress=run.ctx.show_progress, numerics=run.numerics)
     run.state.untrained = {"knn_top1": scores["knn_top1"], **scores["retrieval"]}
     run.ctx.log.log(0, untrained=True, **run.state.untrained)
     if run.ctx.show_progress:
@@ -491,7 +497,7 @@ def end_of_run_linear_eval(run: Run) -> dict:
         return {"skipped": "the config's eval is false"}
     model, weights = linear_eval_model(cfg, run.parts.model, run.info.device)
     result = linear_eval_lcr(model, run.inputs.evaluation.bank, run.inputs.evaluation.test, cfg, run.info.device,
-                             autocast=eng.autocast(run.precision, run.info.device), progress=run.ctx.show_progress)
+                             numerics=run.numerics, progress=run.ctx.show_progress)
     return {**result, "weights": weights}
 
 
@@ -514,8 +520,7 @@ def final_evaluation(run: Run) -> dict:
     validating = run.val_loader is not None
     retrieval = (cfg.eval is not False and cfg.eval.retrieval) or validating
     results = evaluate(model, run.memory_loader, run.test_loader, run.knn_k, cfg.train.knn_t, retrieval=retrieval,
-                       progress=run.ctx.show_progress, autocast=eng.autocast(run.precision, run.info.device),
-                       val_loader=run.val_loader)
+                       progress=run.ctx.show_progress, numerics=run.numerics, val_loader=run.val_loader)
     # Best over the epochs that ran retrieval, the last one included (it may fall between intervals).
     scored = [h for h in state.history if "mAP" in h]
     last = {"epoch": cfg.train.stop_at_epoch - 1, "knn_top1": results["knn_top1"], **results.get("retrieval", {}),
@@ -586,10 +591,9 @@ def evaluate_only(args: argparse.Namespace, cfg: Config, info: eng.DistInfo, inp
     memory_loader, test_loader, _, components.data = eval_loaders(cfg, args, inputs, info, cfg.data.backend)
     knn_k = min(cfg.train.knn_k, len(inputs.evaluation.bank))
     results = {"checkpoint": args.eval_from, "knn_k": knn_k, "knn_t": cfg.train.knn_t, "run": run_record(info)}
-    precision = components.precision
     results.update(evaluate(model, memory_loader, test_loader, knn_k, cfg.train.knn_t,
                             progress=info.is_main and not args.hide_progress,
-                            autocast=eng.autocast(precision, info.device)))
+                            numerics=EvalNumerics.of_run(cfg, info.device, components.precision)))
     results["components"] = components.to_dict()
     if info.is_main:
         write_training_report(results, args.log_dir)

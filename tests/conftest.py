@@ -20,6 +20,17 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 from helpers import uninterrupted_losses  # noqa: E402 (our package, imported once the choice above is made)
 
 
+def pytest_report_header(config) -> str:
+    """The CPU and whether it computes bf16 natively: engine.precision auto trains and evaluates in bf16 where it
+    does, fp32 elsewhere, so a failure report must say which kind of machine it came from."""
+    from lcr_fast.engine import cpu_bf16_instructions
+    from lcr_fast.run_info import cpu_model
+
+    found = cpu_bf16_instructions()
+    native = f"yes ({found}): precision auto is bf16" if found else "no (emulated): precision auto is fp32"
+    return f"CPU: {cpu_model()}; native bf16: {native}"
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is as fast, and does not wait on a second core that others keep busy.

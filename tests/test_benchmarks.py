@@ -51,3 +51,9 @@ def test_the_step_benchmark_runs_the_trainer_defaults_and_the_same_work_on_both_
         assert 0 < fraction < 1.5
         assert f"= {100 * fraction:.0f}% of this machine's {results[side]['precision']} matmul peak" in proc.stdout
     assert results["speedup"] == pytest.approx(results["reference"]["s_per_step"] / results["ours"]["s_per_step"])
+    # Each side says the compile mode that ran and, from a profiled step, the share outside the convolutions.
+    assert results["ours"]["compile"] == "none" and results["reference"]["compile"].startswith("none")
+    for side in ("ours", "reference"):
+        share = results[side]["outside_conv_share"]
+        assert 0 < share < 1 and results[side]["op_s_per_step"] > 0 and len(results[side]["top_ops"]) == 8
+        assert f"{100 * share:.1f}% of it outside the convolutions" in proc.stdout

@@ -11,6 +11,7 @@ from lcr_fast.compat import export_reference_checkpoint
 from lcr_fast.data import build_eval_loader
 from lcr_fast.eval import cli, retrieval_metrics
 from lcr_fast.eval.features import extract_features
+from lcr_fast.eval.numerics import EvalNumerics
 from lcr_fast.models import build_model
 
 from helpers import run_command, tiny_config, write_folder
@@ -61,10 +62,14 @@ def test_all_protocols_write_json_and_markdown(setup, capsys, tmp_path):
     assert "linear probe, cached features (no augmentation; not main_lincls)" in markdown
     assert markdown.strip() in out  # the table is printed
 
-    # The figures are those of the rationale features the model extracts (train.py's evaluation).
+    # The figures are those of the rationale features the model extracts as train.py's evaluation does: in the
+    # precision and layout of the run (engine.precision auto: bf16 on a CPU that computes it natively, where an
+    # fp32 extraction would differ in the third digit), which lcr-eval records.
     model, cfg = cli.load_for_eval(str(setup / "ckpt" / "last.pt"))
+    numerics = EvalNumerics.of_run(cfg, "cpu")
+    assert (results["precision"], results["channels_last"]) == (numerics.precision, numerics.channels_last)
     loader = build_eval_loader(setup / "data", "test", cfg.train.batch_size, 32, "torchvision", "cpu", 0)
-    feats, labels = extract_features(model, loader)
+    feats, labels = extract_features(model, loader, numerics=numerics)
     assert results["retrieval"]["mAP"] == pytest.approx(retrieval_metrics(feats["rationale"], labels)["mAP"], abs=1e-9)
 
 

@@ -223,3 +223,31 @@ def test_end_of_run_linear_evaluation_and_selection_on_validation(tmp_path):
     again = json.loads((tmp_path / "eval" / "last_eval.json").read_text())["linear"]
     assert again["test_batches"] == trained["test_batches"] and again["top1"] == trained["top1"]
     assert again["last_epoch_loss"] == pytest.approx(trained["last_epoch_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_and_lcr_eval_on_its_checkpoint_give_the_same_figures(tmp_path):
+    """engine.precision=bf16 forced: the path that precision auto takes on a CPU with native bf16, which the
+    other CLI tests never see on a CPU without it (emulated there, so tiny data and one epoch). A user who
+    re-evaluates the checkpoint gets the run's own retrieval figures and linear evaluation, exactly."""
+    write_folder(tmp_path / "data", classes=3, per_class=4, size=40)
+    cfg_path = config_file(tmp_path, train={"stop_at_epoch": 1}, engine={"precision": "bf16"},
+                           eval={"num_epochs": 1, "batch_size": 6}, fixes={"linear_eval_trained_weights": True},
+                           logger={"tensorboard": False, "matplotlib": False})
+    proc = run_train(tmp_path, "run", cfg_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["components"]["precision"].startswith("bf16")
+
+    ckpt = tmp_path / "run" / "ckpt" / "last.pt"
+    for protocol in ("retrieval", "linear"):
+        evaluated = run_command("-m", "lcr_fast.eval", "--ckpt", ckpt, "--data_dir", tmp_path / "data",
+                                "--protocol", protocol, "--out", tmp_path / protocol, "--hide_progress")
+        assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    retrieval = json.loads((tmp_path / "retrieval" / "last_eval.json").read_text())
+    assert retrieval["precision"] == "bf16" and retrieval["channels_last"] is True
+    assert {k: retrieval["retrieval"][k] for k in ("rank1", "rank5", "mAP")} == results["retrieval"]
+    linear = json.loads((tmp_path / "linear" / "last_eval.json").read_text())["linear"]
+    trained = results["linear_eval"]
+    assert (linear["last_epoch_loss"], linear["test_batches"]) == (trained["last_epoch_loss"],
+                                                                  trained["test_batches"])

@@ -34,7 +34,6 @@ line ``error: ...`` and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -45,7 +44,6 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from lcr_fast import engine as eng
 from lcr_fast import methods
 from lcr_fast.checkpoint import check_checkpoint_file, check_creatable
 from lcr_fast.config import DEFAULTS, Config, load_config
@@ -56,6 +54,7 @@ from lcr_fast.errors import InputError, run_cli
 from lcr_fast.eval.features import extract_features
 from lcr_fast.eval.knn import knn_accuracy
 from lcr_fast.eval.linear import LINCLS_MILESTONES, linear_eval_lcr, linear_probe_cached, linear_probe_reference
+from lcr_fast.eval.numerics import EvalNumerics
 from lcr_fast.eval.retrieval import retrieval_metrics
 from lcr_fast.loading import load_for_eval, resolve_device
 from lcr_fast.models.backbone import ResNetTrunk, infer_arch, resolve_arch
@@ -147,7 +146,7 @@ class _Job:
     model: torch.nn.Module
     cfg: Config  # the checkpoint's (or --config's)
     device: torch.device
-    amp: contextlib.AbstractContextManager
+    numerics: EvalNumerics  # the run's precision and layout, as its own evaluations computed
     image_size: int
     batch_size: int
     workers: int
@@ -190,19 +189,20 @@ def _set_up(args: argparse.Namespace) -> _Job:
         # The images a run held out for validation it never trained on: the kNN bank and the linear classifier
         # leave them out as well, as the trainer's own evaluations do.
         train_index, _ = hold_out(train_index, held_out, cfg.seed or 0)
-    precision = eng.resolve_precision(cfg.engine.precision, device)
+    numerics = EvalNumerics.of_run(cfg, device)
     image_size = args.image_size or cfg.dataset.image_size
     batch_size = args.batch_size or cfg.data.eval_batch_size or cfg.train.batch_size
     workers = min(cfg.dataset.num_workers, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
     results: dict = {
         "checkpoint": os.path.abspath(args.ckpt), "method": cfg.model.name, "backbone": _backbone_name(model, cfg),
         "data_dir": os.path.abspath(args.data_dir), "features": args.features, "image_size": image_size,
-        "batch_size": batch_size, "device": str(device), "precision": precision, "backend": args.backend,
+        "batch_size": batch_size, "device": str(device), "precision": numerics.precision,
+        "channels_last": numerics.channels_last, "backend": args.backend,
         "num_classes": len(test_index.classes), "num_test": len(test_index),
         "num_train": len(train_index) if train_index is not None else None, "held_out_per_class": held_out,
         "units": {"retrieval": "fraction", "knn": "percent", "linear": "percent"}, "seconds": {},
     }
-    return _Job(args, protocols, train_index, test_index, model, cfg, device, eng.autocast(precision, device),
+    return _Job(args, protocols, train_index, test_index, model, cfg, device, numerics,
                 image_size, batch_size, workers, results)
 
 
@@ -213,7 +213,7 @@ def _features(job: _Job, split: str) -> tuple[torch.Tensor, torch.Tensor]:
                                job.workers, index=index)
     feats, labels = job.timed(f"{split}_features", lambda: extract_features(
         job.model, loader, keys=(job.args.features,), progress=not job.args.hide_progress, desc=f"{split} features",
-        autocast=job.amp))
+        numerics=job.numerics))
     return feats[job.args.features], labels
 
 
@@ -242,7 +242,7 @@ def _linear(job: _Job, train: tuple | None, test: tuple | None) -> dict:
     cfg = linear_config(job)
     if protocol == "lcr":
         result = job.timed("linear", lambda: linear_eval_lcr(
-            job.model, job.train_index, job.test_index, cfg, job.device, key=args.features, autocast=job.amp,
+            job.model, job.train_index, job.test_index, cfg, job.device, key=args.features, numerics=job.numerics,
             progress=not args.hide_progress))
         return {**result, "weights": "the checkpoint's"}
     ev = cfg.eval
@@ -294,8 +294,7 @@ def _linear_reference(job: _Job, batch_size: int, seed: int, hyper: dict) -> dic
                                   num_workers=workers, transform=test_tf)
 
     def extract(images):
-        with job.amp:
-            return model.extract(images)[job.args.features].float()
+        return job.numerics.extract(model, images)[job.args.features].float()
 
     feature_dim = getattr(getattr(model, "backbone", None), "output_dim", None)
     if feature_dim is None:

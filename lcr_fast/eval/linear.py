@@ -10,7 +10,6 @@ percent, as the reference prints them.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from lcr_fast.data.folder import FolderIndex
 from lcr_fast.data.torch_loader import FolderDataset, TorchEvalLoader
 from lcr_fast.data.transforms import linear_train_transform
+from lcr_fast.eval.numerics import EvalNumerics
 from lcr_fast.optim import WarmupCosineSchedule
 
 # main_lincls.py's epochs at which the LR drops x0.1, set for its 100 epochs; kept whatever eval.num_epochs says.
@@ -155,7 +155,7 @@ def _mean_of_batches(correct: list[int], sizes: list[int]) -> float:
 
 
 def linear_eval_lcr(model: nn.Module, train_index: FolderIndex, test_index: FolderIndex, cfg,
-                    device: torch.device | str, key: str = "rationale", autocast=None,
+                    device: torch.device | str, key: str = "rationale", numerics: EvalNumerics | None = None,
                     progress: bool = False) -> dict:
     """BYOL's end-of-run linear evaluation as the reference runs it (``main.py`` ->
     ``linear_cub_eval.py``, or ``linear_stanfordcars_eval.py``: the same but for the class count),
@@ -172,6 +172,7 @@ def linear_eval_lcr(model: nn.Module, train_index: FolderIndex, test_index: Fold
     batch's (correct, size).
     """
     ev, device = cfg.eval, torch.device(device)
+    numerics = numerics or EvalNumerics()
     seed = cfg.seed or 0
     size, workers = cfg.dataset.image_size, cfg.dataset.num_workers
     train_loader = DataLoader(FolderDataset(train_index, linear_train_transform(size)), batch_size=ev.batch_size,
@@ -182,8 +183,8 @@ def linear_eval_lcr(model: nn.Module, train_index: FolderIndex, test_index: Fold
     schedule = WarmupCosineSchedule(cfg, len(train_loader), section="eval")
 
     def features(images: Tensor) -> Tensor:
-        with torch.no_grad(), autocast or contextlib.nullcontext():
-            return model.extract(images.to(device, non_blocking=True))[key].float()
+        with torch.no_grad():
+            return numerics.extract(model, images.to(device, non_blocking=True))[key].float()
 
     was_training = model.training
     model.eval()
