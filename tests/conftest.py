@@ -42,6 +42,17 @@ def one_thread():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with dynamo's caches empty: every model a test compiles adds
+    entries for ResNetTrunk.forward's code, and past dynamo's recompile limit it runs that code eagerly
+    without asking the backend, so a later test's failing backend was never called (seen in the suite
+    after test_compiled_copies and test_engine_scale had compiled their models in the same process)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def triton_kernels():
     """Dispatch every kernel call to Triton (on CPU tensors: its interpreter) rather than to torch."""
     from lcr_fast.kernels import BACKEND

@@ -14,7 +14,7 @@ from helpers import tiny_config
 
 SIZE = 48
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # compiling takes seconds
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "fresh_dynamo")]  # compiling takes seconds
 
 
 def _compiled_model():

@@ -142,7 +142,7 @@ def test_fp16_and_bf16_become_torch_autocast_with_fp32_gradient_reduction():
 
 
 @pytest.mark.slow
-def test_compiled_trunks_give_the_eager_step_and_keep_checkpoint_keys():
+def test_compiled_trunks_give_the_eager_step_and_keep_checkpoint_keys(fresh_dynamo):
     from lcr_fast.models import build_model, compile_backbones
 
     cfg = tiny_config()

@@ -263,7 +263,7 @@ def _trunks(model):
 
 
 @pytest.mark.slow
-def test_a_compile_that_fails_puts_the_trunks_back_to_eager(monkeypatch):
+def test_a_compile_that_fails_puts_the_trunks_back_to_eager(monkeypatch, fresh_dynamo):
     cfg = tiny_config()
     model = build_model(cfg)
 
@@ -282,7 +282,7 @@ def test_a_compile_that_fails_puts_the_trunks_back_to_eager(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_compile_that_works_leaves_no_trace_of_the_check():
+def test_a_compile_that_works_leaves_no_trace_of_the_check(fresh_dynamo):
     """aot_eager traces and runs AOT autograd like inductor, without generating code: seconds on a CPU."""
     torch.manual_seed(0)
     model = build_model(tiny_config())
