@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from .checkpoint import atomic_save
 from .data import FolderIndex, TorchEvalLoader, scan_split
-from .data.folder import IMAGE_EXTENSIONS, DatasetError, check_image
+from .data.folder import IMAGE_EXTENSIONS, DatasetError, unlabeled_index
 from .errors import InputError
 from .eval.features import extract_features
 from .eval.numerics import EvalNumerics
@@ -36,26 +34,10 @@ FEATURE_SUFFIXES = (".npz", ".pt")
 FEATURE_KEYS = ("gap", "rationale")
 # Sub-folders that mark a data set's root rather than one of its splits.
 _SPLIT_NAMES = {"train", "test", "val"}
-_CHECK_THREADS = 8  # the image checks wait on file reads, as scan_split's
 
 
 def _is_image(entry: os.DirEntry) -> bool:
     return entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _plain_index(folder: Path, files: list[str]) -> FolderIndex:
-    """A FolderIndex of the images directly in ``folder``, unreadable ones left out with one warning; label -1."""
-    with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
-        reasons = list(pool.map(check_image, [str(folder / name) for name in files]))
-    samples = [(str(folder / name), -1) for name, reason in zip(files, reasons) if reason is None]
-    skipped = [(str(folder / name), reason) for name, reason in zip(files, reasons) if reason is not None]
-    if not samples:
-        raise DatasetError(f"none of the {len(files)} image file(s) in {str(folder)!r} can be read "
-                           f"({skipped[0][0]}: {skipped[0][1]})")
-    if skipped:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
-        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) of {len(files)} ({examples})", stacklevel=2)
-    return FolderIndex(root=folder, classes=[], samples=samples, skipped=skipped)
 
 
 def index_images(folder: str | os.PathLike) -> FolderIndex:
@@ -72,7 +54,7 @@ def index_images(folder: str | os.PathLike) -> FolderIndex:
         raise DatasetError(f"{str(folder)!r} holds both image files and sub-folders: give a folder of class "
                            f"sub-folders (labelled) or a folder of images (unlabelled)")
     if images:
-        return _plain_index(folder, images)
+        return unlabeled_index(folder, [str(folder / name) for name in images], folder.name)
     if not subfolders:
         raise DatasetError(f"{str(folder)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and no class "
                            f"sub-folders")

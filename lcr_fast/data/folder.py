@@ -119,12 +119,19 @@ def scan_training_images(data_dir: str | os.PathLike, check: bool = True, num_th
                            f"{str(root)!r} with one sub-folder per class, or with the unlabeled images themselves)")
     else:
         root = data_dir
-    candidates = [(path, UNLABELED) for path in _image_files(root)]
-    if not candidates:
+    return unlabeled_index(root, _image_files(root), "train", check, num_threads)
+
+
+def unlabeled_index(root: str | os.PathLike, paths: list[str], split: str, check: bool = True,
+                    num_threads: int = 8) -> FolderIndex:
+    """An unlabeled FolderIndex of the image files ``paths`` under ``root``, the unreadable ones left out
+    with one warning (named by ``split``); DatasetError when there is none, or none can be read."""
+    root = Path(root)
+    if not paths:
         raise DatasetError(f"{str(root)!r} holds no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    samples, skipped = _checked(candidates, "train", check, num_threads)
+    samples, skipped = _checked([(path, UNLABELED) for path in paths], split, check, num_threads)
     if not samples:
-        raise DatasetError(f"none of the {len(candidates)} image file(s) in {str(root)!r} can be read "
+        raise DatasetError(f"none of the {len(paths)} image file(s) in {str(root)!r} can be read "
                            f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
     return FolderIndex(root=root, classes=[], samples=samples, skipped=skipped)
 
