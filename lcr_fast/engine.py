@@ -220,6 +220,9 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         # On by default, the throughput timer synchronises the device at every forward and step: the host
         # could never run ahead of the GPU. We time steps ourselves, at log intervals.
         "timers": {"throughput": {"enabled": False}},
+        # The reference clips nothing; DeepSpeed 0.19.8 clips the global gradient norm at 1.0 unless told not to
+        # (BYOL's is ~10 at the start: every step was scaled down, the BatchNorm and bias updates with it).
+        "gradient_clipping": 0.0,
     }
     if precision in _AUTOCAST_DTYPES:
         # Autocast with fp32 parameters (so fp32 master weights, BN statistics, EMA target and queue); fp16
@@ -235,6 +238,11 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, wo
 
     config = deepspeed_config(cfg, world_size, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if world_size == 1 and cfg.engine.zero_stage == 0:
+        # Alone, DeepSpeed still flattens every gradient into one buffer, "averages" it over one rank and
+        # copies it back: ~0.1 s of BYOL's ResNet-50 CPU step (docs/benchmarks.md). ZeRO keeps its
+        # reduction: its epilogue is what moves gradients into the optimizer's partitions.
+        engine.enable_backward_allreduce = False
     return engine, optimizer
 
 
