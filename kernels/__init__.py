@@ -5,6 +5,7 @@ same math as the process's ``BACKEND`` says (``dispatch.KernelBackend``: its mod
 block, ``LCR_KERNELS`` read at each call, or ``kernels.backend``, and the ops the start-up self-check
 switched off).
 """
+from .batch_norm_act import batch_norm_act, batch_norm_act_torch
 from .byol_loss import byol_loss, byol_loss_torch
 from .dispatch import BACKEND, HAS_TRITON, KernelBackend, kernel_mode, use_triton
 from .ema import ema_update
@@ -16,7 +17,7 @@ from .rationale_pool import rationale_pool, rationale_pool_torch
 
 __all__ = [
     "BACKEND", "HAS_TRITON", "KernelBackend", "kernel_mode", "use_triton",
-    "byol_loss", "byol_loss_torch", "ema_update", "gradcam", "gradcam_torch",
+    "batch_norm_act", "batch_norm_act_torch", "byol_loss", "byol_loss_torch", "ema_update", "gradcam", "gradcam_torch",
     "infonce_queue", "infonce_queue_torch", "rationale_kl", "rationale_kl_torch",
     "rationale_map", "rationale_map_torch", "rationale_pool", "rationale_pool_torch",
 ]

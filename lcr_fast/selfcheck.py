@@ -9,6 +9,8 @@ training, and a failure switches that one component to its slower path with one 
   ``kernels.BACKEND``, ``KernelBackend.disable``).
   fp32 inputs, and the autocast dtype too when the run trains in bf16 or fp16 on a GPU. The first
   check of a kernel pays its Triton compile (seconds when Triton's cache is cold, milliseconds warm).
+- on the CPU, the ResNet trunks' fused BatchNorm + add + ReLU (``kernels.batch_norm_act``, C++) is built
+  (once per machine) and compared with torch's ops, forward and backward; a failure switches it off.
 - the data path: DALI ``mixed``, then DALI's CPU backend, then torchvision (``lcr_fast.data.checked_loader``).
 - precision: ``auto`` is bf16 where the GPU or CPU computes it natively, fp32 elsewhere; an explicit bf16
   on a GPU without native bf16 trains in fp32 (``engine.choose_precision``, which says why).
@@ -27,6 +29,7 @@ The record (``Components.to_dict``) goes to ``components.json`` in the log folde
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -45,6 +48,8 @@ from lcr_fast.errors import FallbackError
 from lcr_fast.kernels import dispatch
 from lcr_fast.models import eager_backbones
 from lcr_fast.models.backbone import ResNetTrunk
+
+bna = importlib.import_module("lcr_fast.kernels.batch_norm_act")  # the package re-exports the function
 
 # Tolerance relative to the reference's largest magnitude: loose enough for bf16 rounding and Triton's
 # summation orders, tight enough that a wrong index, mask or stride (errors of order 1) cannot pass.
@@ -183,6 +188,59 @@ def check_kernels(device: torch.device | str, strict: bool = False, dtypes: Sequ
     return paths
 
 
+def _batch_norm_act_problem(dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """The fused CPU BatchNorm + add + ReLU against its plain path, forward and backward, or None."""
+    x = _randn(g, 3, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = _randn(g, 3, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    upstream = _randn(g, 3, 6, 5, 4)
+    results = []
+    for mode in ("auto", "torch"):
+        bn = nn.BatchNorm2d(6)
+        # The plain path in fp32: in bf16 it rounds after the BatchNorm and again after the add, and a value
+        # rounded to either side of 0 flips the ReLU's mask.
+        ins = [(t if mode == "auto" else t.float()).clone().requires_grad_() for t in (x, residual)]
+        with dispatch.BACKEND.using(mode):
+            y = K.batch_norm_act(ins[0], bn, ins[1])
+        grads = torch.autograd.grad(y, ins, upstream.to(y.dtype).contiguous(memory_format=torch.channels_last))
+        results.append((y, *grads, bn.running_var))
+    for name, got, want in zip(("forward", "gradient of x", "gradient of the residual", "running variance"),
+                               *results):
+        problem = _difference(got, want, dtype)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def check_cpu_kernels(device: torch.device, channels_last: bool, strict: bool = False,
+                      dtypes: Sequence[torch.dtype] = (torch.float32,),
+                      backend: dispatch.KernelBackend = dispatch.BACKEND) -> dict[str, str]:
+    """``{"batch_norm_act": path}``: the fused CPU operator of the ResNet trunks (lcr_fast.kernels.batch_norm_act),
+    built here (C++, once per machine) and compared with its plain path in each of ``dtypes``. A failed build or
+    a mismatch switches it off on ``backend`` with one warning, or raises FallbackError with ``strict``."""
+    op = bna.OP
+    if device.type != "cpu":
+        return {op: "torch (cuDNN on the GPU)"}
+    if not channels_last:
+        return {op: "torch (engine.channels_last=false: the fused operator takes channels_last activations)"}
+    if backend.mode == "torch":
+        return {op: "torch (LCR_KERNELS=torch)"}
+    try:
+        bna.load_operator()
+        problem = next((p for dtype in dtypes if (p := _batch_norm_act_problem(dtype, torch.Generator().manual_seed(0)))),
+                       None)
+    except Exception as exc:  # a missing compiler, a failed build or load fail in many ways
+        problem = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    if problem is None:
+        return {op: f"cpu (C++, {torch.backends.cpu.get_cpu_capability()})"}
+    if strict:
+        raise FallbackError(f"kernel {op}: the fused CPU operator failed the start-up check ({problem}); "
+                            "engine.strict forbids falling back to torch's BatchNorm and ReLU") from None
+    backend.disable(op, problem)
+    warnings.warn(f"kernel {op}: the fused CPU operator failed the start-up check ({problem}); "
+                  "using torch's BatchNorm and ReLU instead")
+    return {op: f"torch (fallback: {problem})"}
+
+
 def _run_trunks(model: nn.Module, batch: int, image_size: int, channels_last: bool, precision: str,
                 device: torch.device) -> None:
     """What the first training step asks of each trunk: a forward at the micro-batch's shape and layout
@@ -269,5 +327,7 @@ def start_checks(cfg: Config, device: torch.device, backend: dispatch.KernelBack
     start = time.perf_counter()
     # Asking for Triton kernels by name (kernels.backend or LCR_KERNELS) is asking for no fallback.
     kernels = check_kernels(device, strict or backend.mode == "triton", dtypes, backend)
+    cpu_dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cpu" and precision == "bf16" else [])
+    kernels |= check_cpu_kernels(device, cfg.engine.channels_last, strict, cpu_dtypes, backend)
     return Components(describe_device(device), strict, precision, choice.reason, kernels,
                       time.perf_counter() - start)

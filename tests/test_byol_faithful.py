@@ -5,11 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lcr_fast import engine as eng
 from lcr_fast.compat import load_reference_checkpoint, reference_state_dict
+from lcr_fast.kernels.batch_norm_act import fused_applies
+from lcr_fast.loop import StepParts, train_step
 from lcr_fast.models import build_model
 from lcr_fast.lcr import per_image_unit
 from lcr_fast.optim import WarmupCosineSchedule, build_optimizer
 from lcr_fast.reference import ReferenceBYOL, ReferenceLARS, ReferenceResNet, ReferenceSchedule, reference_train_step
+from lcr_fast.train import build_engine
 
 from helpers import assert_outputs_close, engine_order_step, tiny_config
 
@@ -95,6 +99,32 @@ def test_training_steps_equal_the_reference(tmp_path):
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
     assert opt.param_groups[0]["lr"] == pytest.approx(ref_sched.lr_schedule[0])
+
+
+def test_the_trainers_steps_equal_the_reference(tmp_path):
+    """Two steps of what ``deepspeed lcr_fast/train.py`` runs (``build_engine``: DeepSpeed and the default
+    channels_last, so the fused CPU BatchNorm; ``train_step``) against the reference's, same tolerances. fp32
+    pinned: the comparison is with the reference's fp32 arithmetic, whatever ``auto`` picks on this CPU."""
+    ref, ours, cfg = _reference_pair(tmp_path)
+    model, engine, optimizer, _ = build_engine(cfg, eng.init_distributed(60), "fp32")
+    model.load_state_dict(ours.state_dict())
+    steps_per_epoch = 5
+    ref_opt = ReferenceLARS(ref, lr=cfg.train.base_lr * cfg.train.batch_size / 256)
+    ref_sched = ReferenceSchedule(ref_opt, cfg.train.warmup_epochs, 0.0, cfg.train.num_epochs,
+                                  cfg.train.base_lr * cfg.train.batch_size / 256, 0.0, steps_per_epoch)
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=WarmupCosineSchedule(cfg, steps_per_epoch),
+                      pieces=1, channels_last=cfg.engine.channels_last)
+    assert cfg.engine.channels_last and fused_applies(
+        torch.zeros(2, 8, 2, 2).contiguous(memory_format=torch.channels_last), model.backbone.bn1, None)
+    for step in range(2):
+        x1, x2 = _views(seed=10 + step)
+        expected = reference_train_step(ref, ref_opt, ref_sched, x1, x2)
+        terms = train_step(parts, [(x1, x2)], step).terms
+        torch.testing.assert_close(terms, torch.stack([expected["ssl_loss"], expected["rationale_loss"]]),
+                                   rtol=1e-5, atol=1e-6, msg=f"step {step}: loss terms")
+        ours_state = reference_state_dict(model)
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
 
 
 def test_detach_cam_switch_stops_the_rationale_gradient_into_the_backbone(tmp_path):

@@ -39,7 +39,7 @@ def test_the_wheel_holds_the_configs_and_the_kernels(installed):
     wheel, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
     assert "lcr_fast/configs/byol_cub200.yaml" in names and "lcr_fast/configs/moco_demo.yaml" in names
-    assert "lcr_fast/kernels/infonce.py" in names
+    assert "lcr_fast/kernels/infonce.py" in names and "lcr_fast/kernels/cpu/batch_norm_act.cpp" in names
 
 
 def test_installed_commands_run_outside_the_source_tree(installed, tmp_path):
@@ -57,3 +57,9 @@ def test_installed_commands_run_outside_the_source_tree(installed, tmp_path):
                             "print(load_config('byol_cub200').model.backbone)"], capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
     assert named.stdout.strip() == "resnet50_cub200", named.stderr
+    # The fused CPU BatchNorm builds from the packaged C++ source.
+    built = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib; m = importlib.import_module("
+                            "'lcr_fast.kernels.batch_norm_act'); print(m.operator_available(), m.SOURCE)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    available, source = built.stdout.split()
+    assert available == "True" and source.startswith(str(venv)), built.stderr

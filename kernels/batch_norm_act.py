@@ -1,0 +1,92 @@
+"""A ResNet block's BatchNorm2d in training, with the residual add and the ReLU after it, fused on the CPU.
+
+``batch_norm_act(x, bn, residual, relu)`` is ``relu(bn(x) + residual)`` as torchvision's blocks compute it,
+running statistics included. For channels_last CPU activations in training it runs one C++ operator
+forward and one backward (``kernels/cpu/batch_norm_act.cpp``, built with torch's C++ extension loader the
+first time a process needs it, then cached), where ATen makes five to seven passes over the activation;
+everywhere else (CUDA: cuDNN; eval mode; contiguous layout; under torch.compile, which traces the plain
+ops) it runs ``batch_norm_act_torch``, the same math in plain torch, exactly as torchvision's block does.
+
+Measured on a 2-core AMD EPYC (Zen 3, AVX2, fp32), ``python benchmarks/batch_norm_bench.py``: see
+docs/kernels.md. ``LCR_KERNELS=torch`` (or ``kernels.backend=torch``) takes the plain path everywhere;
+the start-up self-check builds and checks the operator and falls back to the plain path if either fails.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+from torch import nn
+
+from .dispatch import BACKEND
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "batch_norm_act.cpp")
+EXTENSION = "lcr_fast_batch_norm_act"
+# -fno-trapping-math lets the ReLU's select vectorise; -ffp-contract=off keeps the forward's pre-activation and
+# the backward's recomputation of it rounding alike (the backward's ReLU mask is the forward's).
+CFLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp")
+# Vector width by what this CPU runs (ATen's own dispatch decides it): AVX2 code is ~1.6x faster here than the
+# x86-64 baseline's SSE2. The build is per machine; the ISA in the extension's name keeps a shared cache from
+# serving one CPU's build to another.
+ISA_FLAGS = {"AVX2": ("-mavx2", "-mfma"), "AVX512": ("-mavx2", "-mfma")}
+OP = "batch_norm_act"
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def load_operator() -> None:
+    """Build (first time on this machine, ~20 s) and load the operator; raises what the build raises."""
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = ISA_FLAGS.get(isa, ()) if platform.machine() in ("x86_64", "AMD64") else ()
+    cpp_extension.load(name=f"{EXTENSION}_{isa.lower().replace(' ', '_')}", sources=[SOURCE],
+                       extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"], is_python_module=False,
+                       verbose=False)
+
+
+@functools.cache
+def operator_available() -> bool:
+    """Whether the operator is loaded, building it if needed; a failed build is tried once per process."""
+    try:
+        load_operator()
+    except Exception:  # a missing compiler or a failed build: the plain path stays
+        return False
+    return True
+
+
+def batch_norm_act_torch(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
+                         relu: bool = True) -> torch.Tensor:
+    """The plain path: torchvision's ``bn(x)``, ``+= residual``, in-place ReLU."""
+    out = bn(x)
+    if residual is not None:
+        out += residual
+    return torch.relu_(out) if relu else out
+
+
+def fused_applies(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None) -> bool:
+    """Whether ``batch_norm_act`` takes the fused operator for these arguments."""
+    if torch.compiler.is_compiling() or not (bn.training and bn.track_running_stats and bn.affine):
+        return False
+    if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in DTYPES or BACKEND.mode == "torch":
+        return False
+    if OP in BACKEND.disabled() or bn.momentum is None or bn.weight.dtype != torch.float32:
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() <= x.shape[1]:
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return operator_available()
+
+
+def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
+                   relu: bool = True) -> torch.Tensor:
+    """``relu(bn(x) + residual)`` (each part optional), fused where ``fused_applies``, else plain."""
+    if not fused_applies(x, bn, residual):
+        return batch_norm_act_torch(x, bn, residual, relu)
+    # One C++ op: the forward, its backward recorded by the op itself, and the batch counted.
+    return torch.ops.lcr_fast_cpu.batch_norm_act(x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                 bn.num_batches_tracked, bn.momentum, bn.eps, relu)
