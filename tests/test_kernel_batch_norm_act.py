@@ -166,10 +166,36 @@ def test_a_trunk_step_equals_torchvisions_ops_to_the_rounding_of_a_layout_change
     assert counts["fused"] == counts["torch"] and set(counts["fused"].values()) == {1}
 
 
+def test_under_bf16_autocast_the_trunk_is_as_close_to_fp32_as_torchs_own_bf16():
+    """What ``engine.precision: auto`` runs on a CPU with native bf16: convolutions in bf16, so the operator gets
+    bf16 activations. Its features and gradients are no further from the fp32 step than torchvision's ops
+    under the same autocast are (each rounds differently: torch after the BatchNorm, the add and the ReLU,
+    the operator once)."""
+    torch.manual_seed(5)
+    base = build_backbone("resnet18", maxpool=False).train()
+    x = channels_last(torch.randn(4, 3, 64, 64))
+    runs = {}
+    for name, mode, autocast in (("fused", "auto", True), ("torch", "torch", True), ("fp32", "torch", False)):
+        trunk = build_backbone("resnet18", maxpool=False).train()
+        trunk.load_state_dict(base.state_dict())
+        trunk = trunk.to(memory_format=torch.channels_last)
+        with BACKEND.using(mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            feat = trunk(x)
+        assert feat.dtype == (torch.bfloat16 if autocast else torch.float32)
+        feat.float().square().mean().backward()
+        runs[name] = {"features": feat.detach().float(), **{n: p.grad for n, p in trunk.named_parameters()}}
+
+    def error(name):
+        return max(float((runs[name][k] - v).norm() / v.norm().clamp(min=1e-12)) for k, v in runs["fp32"].items())
+
+    assert error("fused") <= 1.5 * error("torch")
+
+
 def test_the_start_up_check_records_the_operator_and_falls_back_without_it(monkeypatch):
     cpu = torch.device("cpu")
     backend = KernelBackend()
-    assert selfcheck.check_cpu_kernels(cpu, True, backend=backend)["batch_norm_act"].startswith("cpu (C++")
+    both = (torch.float32, torch.bfloat16)
+    assert selfcheck.check_cpu_kernels(cpu, True, dtypes=both, backend=backend)["batch_norm_act"].startswith("cpu (C++")
     assert selfcheck.check_cpu_kernels(cpu, False, backend=backend)["batch_norm_act"].startswith("torch (")
 
     def broken():
