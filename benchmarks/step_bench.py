@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from peak import machine_peaks, step_flops  # noqa: E402
 
 Step = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINE = DEFAULTS["engine"]  # the trainer's defaults, which the benchmarks measure unless told otherwise
+PROFILE_KEYS = ("op_s_per_step", "outside_conv_share", "top_ops")  # what a profiled run adds to its record
 
 
 def build_variant(variant: str, arch: str, device: torch.device, batch: int, precision: str = ENGINE["precision"],
@@ -116,6 +118,38 @@ def _run_variant(args) -> dict:
                 "top_ops": ops.top(8)} if ops else {}), **ran}
 
 
+def interleaved(args) -> dict:
+    """Both sides in this process, their steps in turns (reference, ours; then ours, reference; ...): on a
+    machine whose speed drifts from minute to minute, each pair of steps meets the same conditions, so the
+    ratio of the medians is steadier than that of two separate runs. No peak memory (one process)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x1 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    x2 = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    steps, ran = {}, {}
+    for variant in ("reference", "ours"):
+        steps[variant], ran[variant] = build_variant(variant, args.arch, device, args.batch, args.precision,
+                                                     args.channels_last, args.compile, args.size)
+        for i in range(args.warmup):
+            steps[variant](i, x1, x2)
+    times = {"reference": [], "ours": []}
+    for i in range(args.steps):
+        for variant in ("reference", "ours") if i % 2 == 0 else ("ours", "reference"):
+            tic = time.perf_counter()
+            float(steps[variant](args.warmup + i, x1, x2))  # waits for the device
+            times[variant].append(time.perf_counter() - tic)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    pairs = [r / o for r, o in zip(times["reference"], times["ours"])]
+    for variant in ("reference", "ours"):
+        print(f"{variant:>9}: {median[variant]:.3f} s/step median of {args.steps} "
+              f"({min(times[variant]):.3f}-{max(times[variant]):.3f}); {ran[variant]['precision']}, "
+              f"{ran[variant]['layout']}, compile {ran[variant]['compile']}")
+    speedup = median["reference"] / median["ours"]
+    print(f"step speedup ours/reference, interleaved: {speedup:.2f}x (step pairs: {min(pairs):.2f}-{max(pairs):.2f}x)")
+    return {"interleaved": True, "s_per_step": median, "step_times": times, "speedup": speedup,
+            "pair_speedups": pairs, "ran": ran}
+
+
 def add_common_arguments(p: argparse.ArgumentParser, steps: int) -> None:
     """The options the step and end-to-end benchmarks share (``--variant`` is how they call themselves)."""
     p.add_argument("--batch", type=int, default=8)
@@ -189,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the timed steps, profile one more: the share of operator time outside convolutions")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference (--no-reference: ours alone, e.g. a second, compiled run)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="both sides in one process, their steps in turns: a steadier ratio on a noisy machine, "
+                        "no peak memory and no profile")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both sides this many times, in turns, and report each round's ratio and the medians "
+                        "(a shared, noisy machine)")
     return p
 
 
@@ -200,15 +240,40 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"machine_peak": measure_peaks(device)}
-    for variant in ("reference", "ours") if args.reference else ("ours",):
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch,
-               "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
-               "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--profile" if args.profile else "--no-profile"]
-        cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
-        results[variant] = run_variant(cmd, variant)
+    if args.interleaved:
+        results.update(interleaved(args))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
+    variants = ("reference", "ours") if args.reference else ("ours",)
+    rounds = []
+    for number in range(args.rounds):
+        # Each round runs both sides back to back, in turns (a drift of a shared machine hits both alike);
+        # only the first profiles.
+        ran = {}
+        for variant in variants if number % 2 == 0 else variants[::-1]:
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--arch", args.arch,
+                   "--batch", str(args.batch), "--size", str(args.size), "--precision", args.precision,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--profile" if args.profile and number == 0 else "--no-profile"]
+            cmd += ["--channels_last" if args.channels_last else "--no-channels_last", "--compile", args.compile]
+            ran[variant] = run_variant(cmd, variant)
+        rounds.append(ran)
+    for variant in variants:
+        # The round with the median time of this side stands for it, with the first round's profile.
+        times = sorted(r[variant]["s_per_step"] for r in rounds)
+        median = next(r[variant] for r in rounds if r[variant]["s_per_step"] == times[(len(times) - 1) // 2])
+        results[variant] = {**{k: v for k, v in rounds[0][variant].items() if k in PROFILE_KEYS}, **median,
+                            "s_per_step_rounds": [r[variant]["s_per_step"] for r in rounds]}
         print(describe(variant, results[variant], results["machine_peak"]))
-    report(results, args, ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup"), "step")
+    if args.reference and args.rounds > 1:
+        ratios = [r["reference"]["s_per_step"] / r["ours"]["s_per_step"] for r in rounds]
+        results["speedup_rounds"] = ratios
+        print(f"{args.rounds} rounds, step speedup of each: {' '.join(f'{x:.2f}x' for x in ratios)} "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x); the line below is of the median times")
+    report(results, args, ("arch", "batch", "size", "precision", "channels_last", "compile", "steps", "warmup",
+                           "rounds"), "step")
 
 
 if __name__ == "__main__":

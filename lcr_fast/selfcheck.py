@@ -226,8 +226,8 @@ def check_cpu_kernels(device: torch.device, channels_last: bool, strict: bool = 
         return {op: "torch (LCR_KERNELS=torch)"}
     try:
         bna.load_operator()
-        problem = next((p for dtype in dtypes if (p := _batch_norm_act_problem(dtype, torch.Generator().manual_seed(0)))),
-                       None)
+        g = torch.Generator().manual_seed(0)
+        problem = next((p for dtype in dtypes if (p := _batch_norm_act_problem(dtype, g))), None)
     except Exception as exc:  # a missing compiler, a failed build or load fail in many ways
         problem = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     if problem is None:

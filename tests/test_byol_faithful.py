@@ -112,8 +112,9 @@ def test_the_trainers_steps_equal_the_reference(tmp_path):
     ref_opt = ReferenceLARS(ref, lr=cfg.train.base_lr * cfg.train.batch_size / 256)
     ref_sched = ReferenceSchedule(ref_opt, cfg.train.warmup_epochs, 0.0, cfg.train.num_epochs,
                                   cfg.train.base_lr * cfg.train.batch_size / 256, 0.0, steps_per_epoch)
-    parts = StepParts(engine=engine, model=model, optimizer=optimizer, schedule=WarmupCosineSchedule(cfg, steps_per_epoch),
-                      pieces=1, channels_last=cfg.engine.channels_last)
+    parts = StepParts(engine=engine, model=model, optimizer=optimizer,
+                      schedule=WarmupCosineSchedule(cfg, steps_per_epoch), pieces=1,
+                      channels_last=cfg.engine.channels_last)
     assert cfg.engine.channels_last and fused_applies(
         torch.zeros(2, 8, 2, 2).contiguous(memory_format=torch.channels_last), model.backbone.bn1, None)
     for step in range(2):

@@ -1,5 +1,6 @@
 """An installed package, not only a clone: the wheel built from the project carries the configs and
 the command lines, and they work from a fresh virtual environment, away from the source tree."""
+import os
 import subprocess
 import sys
 import sysconfig
@@ -57,9 +58,11 @@ def test_installed_commands_run_outside_the_source_tree(installed, tmp_path):
                             "print(load_config('byol_cub200').model.backbone)"], capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
     assert named.stdout.strip() == "resnet50_cub200", named.stderr
-    # The fused CPU BatchNorm builds from the packaged C++ source.
+    # The fused CPU BatchNorm builds from the packaged C++ source (in a cache of its own: sharing the clone's,
+    # the two builds, which differ by their include paths, would replace each other).
     built = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib; m = importlib.import_module("
                             "'lcr_fast.kernels.batch_norm_act'); print(m.operator_available(), m.SOURCE)"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                           env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
     available, source = built.stdout.split()
     assert available == "True" and source.startswith(str(venv)), built.stderr
