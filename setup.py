@@ -5,7 +5,8 @@ ships with the kernels, which build it on first use."""
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["lcr_fast", "lcr_fast.*"]) + ["lcr_fast.kernels", "lcr_fast.configs"],
+    packages=find_packages(include=["lcr_fast", "lcr_fast.*"]) + ["lcr_fast.kernels", "lcr_fast.kernels.cpu",
+                                                                   "lcr_fast.configs"],
     package_dir={"lcr_fast.kernels": "kernels", "lcr_fast.configs": "configs"},
-    package_data={"lcr_fast.configs": ["*.yaml"], "lcr_fast.kernels": ["cpu/*.cpp"]},
+    package_data={"lcr_fast.configs": ["*.yaml"], "lcr_fast.kernels.cpu": ["*.cpp"]},
 )

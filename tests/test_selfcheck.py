@@ -326,8 +326,11 @@ def test_a_training_run_records_the_path_of_each_component(tmp_path, monkeypatch
     results = train.main(args)
     auto = eng.choose_precision("auto", torch.device("cpu"))  # bf16 on a CPU with AMX or AVX512-BF16
     precision = f"{auto.precision} ({auto.reason})"
-    expected = {"device": "cpu", "strict": False, "kernels": {op: "torch (no CUDA)" for op in selfcheck.OP_CASES},
-                "data": "torchvision", "precision": precision, "compile": "none"}
+    # The Triton ops take their torch path without CUDA; the trunks' BatchNorm runs the fused CPU operator.
+    kernels = {op: "torch (no CUDA)" for op in selfcheck.OP_CASES}
+    kernels["batch_norm_act"] = f"cpu (C++, {torch.backends.cpu.get_cpu_capability()})"
+    expected = {"device": "cpu", "strict": False, "kernels": kernels, "data": "torchvision", "precision": precision,
+                "compile": "none"}
     recorded = json.loads((tmp_path / "run" / "components.json").read_text())
     assert {k: v for k, v in recorded.items() if k != "kernel_check_s"} == expected
     assert {k: v for k, v in results["components"].items() if k != "kernel_check_s"} == expected
