@@ -174,18 +174,30 @@ def check_kernels(device: torch.device | str, strict: bool = False, dtypes: Sequ
             problem = next((p for dtype in dtypes for case in cases if (p := _check_case(case, device, dtype, g))),
                            None)
         except Exception as exc:  # a kernel that does not build or launch here fails in many ways
-            problem = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            problem = _one_line(exc)
         if problem is None:
             paths[op] = "triton" if device.type == "cuda" else "triton (interpreter)"
             continue
-        if strict:
-            raise FallbackError(f"kernel {op}: its Triton path failed the start-up check ({problem}); engine.strict "
-                                "or kernels.backend=triton forbids falling back to its torch reference") from None
-        backend.disable(op, problem)
-        warnings.warn(f"kernel {op}: its Triton path failed the start-up check ({problem}); "
-                      "using its torch reference instead")
-        paths[op] = f"torch (fallback: {problem})"
+        paths[op] = _fall_back(backend, op, "its Triton path", problem, strict,
+                               "engine.strict or kernels.backend=triton forbids falling back to its torch reference",
+                               "using its torch reference instead")
     return paths
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _fall_back(backend: dispatch.KernelBackend, op: str, path: str, problem: str, strict: bool, forbidden: str,
+               instead: str) -> str:
+    """``op``'s ``path`` failed its check: FallbackError with ``strict``, else the op is switched off on
+    ``backend`` with one warning; returns the path recorded."""
+    message = f"kernel {op}: {path} failed the start-up check ({problem})"
+    if strict:
+        raise FallbackError(f"{message}; {forbidden}")
+    backend.disable(op, problem)
+    warnings.warn(f"{message}; {instead}")
+    return f"torch (fallback: {problem})"
 
 
 def _batch_norm_act_problem(dtype: torch.dtype, g: torch.Generator) -> str | None:
@@ -229,16 +241,12 @@ def check_cpu_kernels(device: torch.device, channels_last: bool, strict: bool = 
         g = torch.Generator().manual_seed(0)
         problem = next((p for dtype in dtypes if (p := _batch_norm_act_problem(dtype, g))), None)
     except Exception as exc:  # a missing compiler, a failed build or load fail in many ways
-        problem = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        problem = _one_line(exc)
     if problem is None:
         return {op: f"cpu (C++, {torch.backends.cpu.get_cpu_capability()})"}
-    if strict:
-        raise FallbackError(f"kernel {op}: the fused CPU operator failed the start-up check ({problem}); "
-                            "engine.strict forbids falling back to torch's BatchNorm and ReLU") from None
-    backend.disable(op, problem)
-    warnings.warn(f"kernel {op}: the fused CPU operator failed the start-up check ({problem}); "
-                  "using torch's BatchNorm and ReLU instead")
-    return {op: f"torch (fallback: {problem})"}
+    return {op: _fall_back(backend, op, "the fused CPU operator", problem, strict,
+                           "engine.strict forbids falling back to torch's BatchNorm and ReLU",
+                           "using torch's BatchNorm and ReLU instead")}
 
 
 def _run_trunks(model: nn.Module, batch: int, image_size: int, channels_last: bool, precision: str,
