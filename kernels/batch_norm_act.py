@@ -85,11 +85,17 @@ def fused_applies(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | 
     return operator_available()
 
 
+def batch_norm_act_fused(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
+                         relu: bool = True) -> torch.Tensor:
+    """The fused path, whatever ``fused_applies`` says (the operator checks its arguments): one C++ op, the
+    forward, its backward recorded by the op itself, and the batch counted."""
+    return torch.ops.lcr_fast_cpu.batch_norm_act(x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                 bn.num_batches_tracked, bn.momentum, bn.eps, relu)
+
+
 def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                    relu: bool = True) -> torch.Tensor:
     """``relu(bn(x) + residual)`` (each part optional), fused where ``fused_applies``, else plain."""
     if not fused_applies(x, bn, residual):
         return batch_norm_act_torch(x, bn, residual, relu)
-    # One C++ op: the forward, its backward recorded by the op itself, and the batch counted.
-    return torch.ops.lcr_fast_cpu.batch_norm_act(x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                 bn.num_batches_tracked, bn.momentum, bn.eps, relu)
+    return batch_norm_act_fused(x, bn, residual, relu)

@@ -128,10 +128,9 @@ def test_where_the_plain_path_is_taken():
 
 def test_the_operator_names_a_wrong_layout():
     bn = nn.BatchNorm2d(4)
+    bna.load_operator()
     with pytest.raises(RuntimeError, match="channels_last"):
-        torch.ops.lcr_fast_cpu.batch_norm_act_forward(torch.randn(2, 4, 3, 3), None, bn.weight.detach(),
-                                                     bn.bias.detach(), bn.running_mean, bn.running_var, 0.1, 1e-5,
-                                                     True)
+        bna.batch_norm_act_fused(torch.randn(2, 4, 3, 3), bn)
 
 
 def _worst(got: dict, want: dict) -> float:

@@ -283,7 +283,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   else grad_input(row_grad_input<T, Mask::kNone>);
 }
 
-// Returns (dx, dweight, dbias, dresidual); dresidual is empty unless ``residual``. ``y`` is the forward's
+// Returns (dx, dweight, dbias, dresidual); dresidual is undefined unless ``residual``. ``y`` is the forward's
 // output, read only for the mask of a ReLU after a residual add.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   check_channels(mean, channels, "mean");
   check_channels(invstd, channels, "invstd");
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  at::Tensor dres = residual ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::empty({0}, x.options());
+  at::Tensor dres = residual ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::Tensor();
   at::Tensor dweight = at::empty({channels}, weight.options());
   at::Tensor dbias = at::empty({channels}, weight.options());
   if (x.scalar_type() == at::kFloat)
@@ -326,12 +326,10 @@ class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const bool residual = ctx->saved_data["residual"].toBool();
     auto [dx, dweight, dbias, dres] = batch_norm_act_backward(grads[0], saved[0], saved[1], saved[2], saved[3],
                                                               saved[4], saved[5], ctx->saved_data["relu"].toBool(),
-                                                              residual);
-    return {dx, residual ? dres : at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+                                                              ctx->saved_data["residual"].toBool());
+    return {dx, dres, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -350,19 +348,10 @@ at::Tensor batch_norm_act(const at::Tensor& x, const std::optional<at::Tensor>& 
 TORCH_LIBRARY(lcr_fast_cpu, m) {
   m.def("batch_norm_act(Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, Tensor(c!) num_batches_tracked, float momentum, float eps, bool relu) -> Tensor");
-  m.def("batch_norm_act_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
-        "Tensor(b!) running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_act_backward(Tensor grad, Tensor x, Tensor y, Tensor weight, Tensor bias, Tensor mean, "
-        "Tensor invstd, bool relu, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // One kernel for every dispatch key of the combined op: it records its own backward (autograd's Function
 // does nothing under no_grad), and its tensors are CPU tensors, which it checks.
 TORCH_LIBRARY_IMPL(lcr_fast_cpu, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_act", &batch_norm_act);
-}
-
-TORCH_LIBRARY_IMPL(lcr_fast_cpu, CPU, m) {
-  m.impl("batch_norm_act_forward", &batch_norm_act_forward);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
 }

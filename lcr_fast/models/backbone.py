@@ -75,8 +75,9 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = batch_norm_act(block.conv1(x), block.bn1)
     if isinstance(block, tvm.resnet.Bottleneck):
         out = batch_norm_act(block.conv2(out), block.bn2)
-    last_conv, last_bn = (block.conv3, block.bn3) if isinstance(block, tvm.resnet.Bottleneck) else (block.conv2,
-                                                                                                     block.bn2)
+        last_conv, last_bn = block.conv3, block.bn3
+    else:
+        last_conv, last_bn = block.conv2, block.bn2
     identity = x
     if block.downsample is not None:
         conv, bn = block.downsample
