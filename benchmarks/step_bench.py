@@ -60,6 +60,7 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
 
     from lcr_fast import engine as eng
     from lcr_fast.config import load_config
+    from lcr_fast.host_memory import keep_freed_memory
     from lcr_fast.loop import StepParts, train_step
     from lcr_fast.optim import build_schedule
     from lcr_fast.selfcheck import check_compile
@@ -72,6 +73,9 @@ def build_variant(variant: str, arch: str, device: torch.device, batch: int, pre
                              "engine": {"precision": precision, "channels_last": channels_last,
                                         "compile": compile_mode, "strict": True}})
     info = eng.init_distributed(cfg.engine.dist_timeout_s)
+    if info.device.type == "cpu":
+        # What the trainer's start_process does; in --interleaved runs the reference, in the same process, gets it too.
+        keep_freed_memory()
     choice = eng.choose_precision(precision, device, strict=True)
     model, engine, optimizer, _ = build_engine(cfg, info, choice.precision)
     # The trainer's start-up check compiles and runs the trunks; strict, a failure ends the benchmark.

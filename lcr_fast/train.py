@@ -47,6 +47,7 @@ from lcr_fast.errors import run_cli
 from lcr_fast.eval.features import evaluate
 from lcr_fast.eval.linear import linear_eval_lcr
 from lcr_fast.eval.numerics import EvalNumerics
+from lcr_fast.host_memory import keep_freed_memory
 from lcr_fast.loading import load_model
 from lcr_fast.loop import EpochContext, NonFiniteWatch, RunState, StepParts, StopRequest, run_epoch
 from lcr_fast.models import build_model, compile_backbones
@@ -212,6 +213,8 @@ def start_process(args: argparse.Namespace, cfg: Config) -> eng.DistInfo:
     # Every rank says what it was told before it joins: a group that never forms leaves that trace.
     print(launch.describe(), flush=True)
     info = eng.init_distributed(cfg.engine.dist_timeout_s, launch=launch)
+    if info.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse the last step's memory (lcr_fast.host_memory)
     if info.world_size > 1:
         # With seed: null every process drew its own; rank 0's is the run's, so that all ranks read one
         # permutation of the data and hold out the same validation images.
