@@ -77,8 +77,11 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(setup):
 
 
 @pytest.mark.slow
+# bf16 is left out: its checkpoints hold what fp32's do (fp32 master weights, no loss scale), its CLI run is
+# test_train_cli's test_a_bf16_run_and_lcr_eval_on_its_checkpoint_give_the_same_figures, and where the CPU computes
+# bf16 natively every resume test of the suite runs in it (auto); where it does not, a second emulated bf16 run cost
+# 35 s of the suite.
 @pytest.mark.parametrize("overrides", [
-    ["engine.precision=bf16"],
     ["engine.precision=fp16"],
     ["engine.zero_stage=1", "train.optimizer.name=sgd"],
     ["engine.zero_stage=2", "train.optimizer.name=adamw"],
