@@ -58,20 +58,20 @@ class BYOL(LCRModel):
         """target <- tau * target + (1 - tau) * online, parameters only (BN statistics move by their own passes)."""
         ema_update(self.target_parameters(), self.online_parameters(), self.tau)
 
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target_projector(global_pool(self.target_backbone(x)))
-
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
         feat1 = self.backbone(view1)
         feat2 = self.backbone(view2)
         # The heads run in fp32 even under autocast: GradCAM's gradient on layer4, which the rationale
         # loss is fitted to, lies below fp16's range, and the heads cost little next to the backbone.
+        # Both views go through each head as one batch (BatchNorm still per view): at batch 8 a head's
+        # matmuls read their weights (33.5 MB for the projector's first) for a few rows, and the step's
+        # matmuls fell from 0.076-0.080 to 0.042-0.043 s (2026-12-07, Zen 3, docs/benchmarks.md).
         with torch.autocast(feat1.device.type, enabled=False):
             cam_feat = feat1.float()  # feat1 itself in fp32 training
-            p1 = self.predictor(self.projector(global_pool(cam_feat)))
-            p2 = self.predictor(self.projector(global_pool(feat2.float())))
+            pooled = torch.cat([global_pool(cam_feat), global_pool(feat2.float())])
+            p1, p2 = self.predictor(self.projector(pooled, views=2), views=2).chunk(2)
         with torch.no_grad():
-            z1_t = self._target(view1)
-            z2_t = self._target(view2)
+            target = torch.cat([global_pool(self.target_backbone(view1)), global_pool(self.target_backbone(view2))])
+            z1_t, z2_t = self.target_projector(target, views=2).chunk(2)
         ssl_loss = byol_loss(p1, z2_t, p2, z1_t)
         return self.lcr_terms(ssl_loss, cam_feat, self.rationale(feat1))

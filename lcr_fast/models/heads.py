@@ -14,5 +14,10 @@ class MLP(nn.Module):
                                     nn.ReLU(inplace=True))
         self.layer2 = nn.Linear(hidden_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
+    def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """``x`` holds ``views`` equal batches, one after the other: the linear layers take them as one (each row's
+        numbers are its own), BatchNorm each batch on its own and in order, as one call per view would."""
+        linear, norm, relu = self.layer1
+        h = linear(x)
+        h = norm(h) if views == 1 else torch.cat([norm(chunk) for chunk in h.chunk(views)])
+        return self.layer2(relu(h))
