@@ -16,6 +16,7 @@ from torchvision import models as tvm
 
 from ..errors import UserError
 from ..kernels.batch_norm_act import batch_norm_act
+from ..kernels.conv2d import conv2d
 
 # torchvision's ResNet family by its own names, with the ImageNet weights model.pretrained=imagenet reads (V1,
 # the weights the paper and the reference start from for ResNet-50).
@@ -62,8 +63,9 @@ class ResNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's forward, block by block, with each BatchNorm and the add and ReLU after it as one
-        # batch_norm_act: fused on the CPU in training, torchvision's own ops elsewhere (lcr_fast.kernels).
-        x = self.maxpool(batch_norm_act(self.conv1(x), self.bn1))
+        # batch_norm_act: fused on the CPU in training, torchvision's own ops elsewhere (lcr_fast.kernels); each
+        # convolution through conv2d, which computes the stride-1 ones' weight gradients as matrix products there.
+        x = self.maxpool(batch_norm_act(conv2d(self.conv1, x), self.bn1))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block_forward(block, x)
@@ -71,18 +73,18 @@ class ResNetTrunk(nn.Module):
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``BasicBlock`` or ``Bottleneck`` forward, through ``batch_norm_act``."""
-    out = batch_norm_act(block.conv1(x), block.bn1)
+    """torchvision's ``BasicBlock`` or ``Bottleneck`` forward, through ``conv2d`` and ``batch_norm_act``."""
+    out = batch_norm_act(conv2d(block.conv1, x), block.bn1)
     if isinstance(block, tvm.resnet.Bottleneck):
-        out = batch_norm_act(block.conv2(out), block.bn2)
+        out = batch_norm_act(conv2d(block.conv2, out), block.bn2)
         last_conv, last_bn = block.conv3, block.bn3
     else:
         last_conv, last_bn = block.conv2, block.bn2
     identity = x
     if block.downsample is not None:
         conv, bn = block.downsample
-        identity = batch_norm_act(conv(x), bn, relu=False)
-    return batch_norm_act(last_conv(out), last_bn, identity)
+        identity = batch_norm_act(conv2d(conv, x), bn, relu=False)
+    return batch_norm_act(conv2d(last_conv, out), last_bn, identity)
 
 
 def resolve_arch(backbone: str, maxpool: bool | None) -> tuple[str, bool]:
