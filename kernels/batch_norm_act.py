@@ -61,41 +61,48 @@ def operator_available() -> bool:
 
 
 def batch_norm_act_torch(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
-                         relu: bool = True) -> torch.Tensor:
-    """The plain path: torchvision's ``bn(x)``, ``+= residual``, in-place ReLU."""
-    out = bn(x)
+                         relu: bool = True, views: int = 1) -> torch.Tensor:
+    """The plain path: torchvision's ``bn(x)`` (one call per view of the batch), ``+= residual``, in-place ReLU."""
+    out = bn(x) if views == 1 else torch.cat([bn(part) for part in x.chunk(views)])
     if residual is not None:
         out += residual
     return torch.relu_(out) if relu else out
 
 
-def fused_applies(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None) -> bool:
+def fused_path(x: torch.Tensor) -> bool:
+    """Whether activations like ``x`` take the fused operator in training (a trunk asks before batching its
+    views: the operator keeps each view's statistics in one pass, the plain path would split and concatenate)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4 or x.dtype not in DTYPES:
+        return False
+    if BACKEND.mode == "torch" or OP in BACKEND.disabled():
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last) and operator_available()
+
+
+def fused_applies(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None, views: int = 1) -> bool:
     """Whether ``batch_norm_act`` takes the fused operator for these arguments."""
-    if torch.compiler.is_compiling() or not (bn.training and bn.track_running_stats and bn.affine):
+    if not (bn.training and bn.track_running_stats and bn.affine) or bn.momentum is None:
         return False
-    if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in DTYPES or BACKEND.mode == "torch":
-        return False
-    if OP in BACKEND.disabled() or bn.momentum is None or bn.weight.dtype != torch.float32:
-        return False
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() <= x.shape[1]:
+    if bn.weight.dtype != torch.float32 or x.dim() != 4 or x.shape[0] % views or x.numel() <= views * x.shape[1]:
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or not residual.is_contiguous(memory_format=torch.channels_last)):
         return False
-    return operator_available()
+    return fused_path(x)
 
 
 def batch_norm_act_fused(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
-                         relu: bool = True) -> torch.Tensor:
+                         relu: bool = True, views: int = 1) -> torch.Tensor:
     """The fused path, whatever ``fused_applies`` says (the operator checks its arguments): one C++ op, the
-    forward, its backward recorded by the op itself, and the batch counted."""
+    forward, its backward recorded by the op itself, and the batches counted."""
     return torch.ops.lcr_fast_cpu.batch_norm_act(x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                 bn.num_batches_tracked, bn.momentum, bn.eps, relu)
+                                                 bn.num_batches_tracked, bn.momentum, bn.eps, relu, views)
 
 
 def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
-                   relu: bool = True) -> torch.Tensor:
-    """``relu(bn(x) + residual)`` (each part optional), fused where ``fused_applies``, else plain."""
-    if not fused_applies(x, bn, residual):
-        return batch_norm_act_torch(x, bn, residual, relu)
-    return batch_norm_act_fused(x, bn, residual, relu)
+                   relu: bool = True, views: int = 1) -> torch.Tensor:
+    """``relu(bn(x) + residual)`` (each part optional), fused where ``fused_applies``, else plain. With
+    ``views`` > 1 the batch is that many equal runs of samples, each normalised by its own statistics."""
+    if not fused_applies(x, bn, residual, views):
+        return batch_norm_act_torch(x, bn, residual, relu, views)
+    return batch_norm_act_fused(x, bn, residual, relu, views)

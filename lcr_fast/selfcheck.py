@@ -201,26 +201,29 @@ def _fall_back(backend: dispatch.KernelBackend, op: str, path: str, problem: str
 
 
 def _batch_norm_act_problem(dtype: torch.dtype, g: torch.Generator) -> str | None:
-    """The fused CPU BatchNorm + add + ReLU against its plain path, forward and backward, or None."""
-    x = _randn(g, 3, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
-    residual = _randn(g, 3, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
-    upstream = _randn(g, 3, 6, 5, 4)
-    results = []
-    # The operator itself, not the path batch_norm_act would choose: an op an earlier check switched off on the
-    # process's backend would otherwise be compared with itself.
-    for fused in (True, False):
-        bn = nn.BatchNorm2d(6)
-        # The plain path in fp32: in bf16 it rounds after the BatchNorm and again after the add, and a value
-        # rounded to either side of 0 flips the ReLU's mask.
-        ins = [(t if fused else t.float()).clone().requires_grad_() for t in (x, residual)]
-        y = (bna.batch_norm_act_fused if fused else bna.batch_norm_act_torch)(ins[0], bn, ins[1])
-        grads = torch.autograd.grad(y, ins, upstream.to(y.dtype).contiguous(memory_format=torch.channels_last))
-        results.append((y, *grads, bn.running_var))
-    for name, got, want in zip(("forward", "gradient of x", "gradient of the residual", "running variance"),
-                               *results):
-        problem = _difference(got, want, dtype)
-        if problem:
-            return f"{name}: {problem}"
+    """The fused CPU BatchNorm + add + ReLU against its plain path, forward and backward, on one batch and on two
+    views of one (per-view statistics), or None."""
+    x = _randn(g, 4, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = _randn(g, 4, 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    upstream = _randn(g, 4, 6, 5, 4)
+    for views in (1, 2):
+        results = []
+        # The operator itself, not the path batch_norm_act would choose: an op an earlier check switched off on the
+        # process's backend would otherwise be compared with itself.
+        for fused in (True, False):
+            bn = nn.BatchNorm2d(6)
+            # The plain path in fp32: in bf16 it rounds after the BatchNorm and again after the add, and a value
+            # rounded to either side of 0 flips the ReLU's mask.
+            ins = [(t if fused else t.float()).clone().requires_grad_() for t in (x, residual)]
+            path = bna.batch_norm_act_fused if fused else bna.batch_norm_act_torch
+            y = path(ins[0], bn, ins[1], views=views)
+            grads = torch.autograd.grad(y, ins, upstream.to(y.dtype).contiguous(memory_format=torch.channels_last))
+            results.append((y, *grads, bn.running_var))
+        for name, got, want in zip(("forward", "gradient of x", "gradient of the residual", "running variance"),
+                                   *results):
+            problem = _difference(got, want, dtype)
+            if problem:
+                return f"{name}{' (two views)' if views == 2 else ''}: {problem}"
     return None
 
 

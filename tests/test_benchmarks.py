@@ -2,6 +2,7 @@
 says what it ran, and the fraction of the machine's peak comes from a probe and a FLOP count that
 are themselves right."""
 import json
+import re
 import subprocess
 import sys
 
@@ -57,3 +58,16 @@ def test_the_step_benchmark_runs_the_trainer_defaults_and_the_same_work_on_both_
         share = results[side]["outside_conv_share"]
         assert 0 < share < 1 and results[side]["op_s_per_step"] > 0 and len(results[side]["top_ops"]) == 8
         assert f"{100 * share:.1f}% of it outside the convolutions" in proc.stdout
+
+
+@pytest.mark.parametrize("script,ratio_lines", [("conv_bench.py", 2), ("views_bench.py", 2)])
+def test_the_cpu_trunk_benchmarks_print_their_ratios(script, ratio_lines):
+    """The two benchmarks behind the CPU trunk's choices (the weight gradients as matrix products, the views as
+    one batch) run on a tiny trunk and print a positive ratio per comparison."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--arch", "resnet18", "--batch", "2",
+                           "--size", "32", *(["--repeats", "1", "--trunk_rounds", "1"] if script == "conv_bench.py"
+                                             else ["--rounds", "1"])],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ratios = [float(m) for m in re.findall(r"(\d+\.\d+)x\)?$", proc.stdout, flags=re.M)]
+    assert len(ratios) == ratio_lines and all(r > 0 for r in ratios), proc.stdout

@@ -126,6 +126,46 @@ def test_where_the_plain_path_is_taken():
     assert not bna.fused_applies(x, bn, None)
 
 
+@pytest.mark.parametrize("shape,residual,relu", [((6, 5, 3, 4), True, True), ((4, 7, 2, 2), False, True),
+                                                  ((2, 3, 5, 1), True, False), ((8, 16, 4, 4), False, False)])
+def test_two_views_in_one_call_equal_a_call_per_view(shape, residual, relu):
+    """``views=2``: each half of the batch normalised by its own statistics, as two BatchNorm calls would; the
+    running statistics updated twice, in order; the parameter gradients the sum of the two calls'."""
+    g = torch.Generator().manual_seed(5)
+    x = channels_last(torch.randn(shape, generator=g) * 2 + 1)
+    res = channels_last(torch.randn(shape, generator=g)) if residual else None
+    upstream = channels_last(torch.randn(shape, generator=g))
+    fused_bn, plain_bn = _pair(shape, seed=3)
+    ins = [t.clone().requires_grad_() for t in (x, res) if t is not None]
+    assert bna.fused_applies(ins[0], fused_bn, ins[1] if residual else None, views=2)
+    y = bna.batch_norm_act(ins[0], fused_bn, ins[1] if residual else None, relu, views=2)
+    grads = torch.autograd.grad(y, [*ins, fused_bn.weight, fused_bn.bias], upstream)
+    ref_ins = [t.clone().requires_grad_() for t in (x, res) if t is not None]
+    with BACKEND.using("torch"):
+        halves = [bna.batch_norm_act(part, plain_bn, ref_ins[1].chunk(2)[i] if residual else None, relu)
+                  for i, part in enumerate(ref_ins[0].chunk(2))]
+    y_ref = torch.cat(halves)
+    grads_ref = torch.autograd.grad(y_ref, [*ref_ins, plain_bn.weight, plain_bn.bias], upstream)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    whole_bn = _pair(shape, seed=3)[0]
+    assert not torch.allclose(y, bna.batch_norm_act_torch(x, whole_bn, res, relu), atol=1e-3), \
+        "the whole batch's statistics give another output"
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused_bn, name), getattr(plain_bn, name), rtol=1e-6, atol=1e-7)
+    assert int(fused_bn.num_batches_tracked) == 2
+
+
+def test_views_that_do_not_split_the_batch_evenly_take_no_fused_path():
+    bn = nn.BatchNorm2d(4)
+    x = channels_last(torch.randn(3, 4, 2, 2))
+    assert bna.fused_applies(x, bn, None) and not bna.fused_applies(x, bn, None, views=2)
+    assert not bna.fused_applies(channels_last(torch.randn(2, 4, 1, 1)), bn, None, views=2), "one value per view"
+    with pytest.raises(RuntimeError, match="equal groups"):
+        bna.batch_norm_act_fused(x, bn, views=2)
+
+
 def test_the_operator_names_a_wrong_layout():
     bn = nn.BatchNorm2d(4)
     bna.load_operator()
@@ -207,3 +247,37 @@ def test_the_start_up_check_records_the_operator_and_falls_back_without_it(monke
     assert "batch_norm_act" in backend.disabled()
     with pytest.raises(FallbackError, match="batch_norm_act"):
         selfcheck.check_cpu_kernels(cpu, True, strict=True, backend=KernelBackend())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_trunk_takes_two_views_as_one_batch_as_it_takes_each_alone(arch):
+    """``forward(cat, views=2)``, which BYOL runs where ``batches_views`` says so: each view's features, every
+    gradient and every running statistic as two calls give them, to the rounding of a batch twice the size in the
+    convolutions."""
+    torch.manual_seed(6)
+    trunks = [build_backbone(arch, maxpool=False).train().to(memory_format=torch.channels_last) for _ in range(2)]
+    trunks[1].load_state_dict(trunks[0].state_dict())
+    views = [channels_last(torch.randn(3, 3, 48, 48)) for _ in range(2)]
+    assert trunks[0].batches_views(views[0])
+    joint = trunks[0](torch.cat(views), views=2)
+    apart = torch.cat([trunks[1](v) for v in views])
+    (joint.square().mean() + joint[:3].mean()).backward()
+    (apart.square().mean() + apart[:3].mean()).backward()
+    runs = [{"features": f.detach(), **{n: p.grad for n, p in t.named_parameters()},
+             **{k: v for k, v in t.state_dict().items() if k.endswith(("running_mean", "running_var"))}}
+            for f, t in zip((joint, apart), trunks)]
+    assert _worst(*runs) < 1e-4
+    counts = [{k: int(v) for k, v in t.state_dict().items() if k.endswith("num_batches_tracked")} for t in trunks]
+    assert counts[0] == counts[1] and set(counts[0].values()) == {2}
+
+
+def test_a_trunk_batches_views_only_where_every_batch_norm_is_fused():
+    trunk = build_backbone("resnet18", maxpool=False).train().to(memory_format=torch.channels_last)
+    x = channels_last(torch.randn(2, 3, 32, 32))
+    assert trunk.batches_views(x)
+    assert not trunk.batches_views(x.contiguous()), "NCHW: torch's BatchNorm, which would split and concatenate"
+    with BACKEND.using("torch"):
+        assert not trunk.batches_views(x)
+    assert not trunk.eval().batches_views(x), "evaluation: running statistics, nothing per view"
+    trunk.train().forward = trunk.forward  # what compile_backbones does: a forward set on the instance
+    assert not trunk.batches_views(x), "a compiled trunk's BatchNorms take the plain path"

@@ -9,7 +9,7 @@ from torch import nn
 from lcr_fast.kernels import byol_loss, ema_update
 from lcr_fast.lcr import RationaleBranch
 
-from .backbone import build_backbone
+from .backbone import both_views, build_backbone
 from .heads import MLP
 from .lcr import LCRModel, global_pool
 
@@ -59,8 +59,7 @@ class BYOL(LCRModel):
         ema_update(self.target_parameters(), self.online_parameters(), self.tau)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat1 = self.backbone(view1)
-        feat2 = self.backbone(view2)
+        feat1, feat2 = both_views(self.backbone, view1, view2)
         # The heads run in fp32 even under autocast: GradCAM's gradient on layer4, which the rationale
         # loss is fitted to, lies below fp16's range, and the heads cost little next to the backbone.
         # Both views go through each head as one batch (BatchNorm still per view): at batch 8 a head's
@@ -71,7 +70,8 @@ class BYOL(LCRModel):
             pooled = torch.cat([global_pool(cam_feat), global_pool(feat2.float())])
             p1, p2 = self.predictor(self.projector(pooled, views=2), views=2).chunk(2)
         with torch.no_grad():
-            target = torch.cat([global_pool(self.target_backbone(view1)), global_pool(self.target_backbone(view2))])
+            target = torch.cat([global_pool(f) for f in both_views(self.target_backbone, view1, view2)])
             z1_t, z2_t = self.target_projector(target, views=2).chunk(2)
         ssl_loss = byol_loss(p1, z2_t, p2, z1_t)
         return self.lcr_terms(ssl_loss, cam_feat, self.rationale(feat1))
+

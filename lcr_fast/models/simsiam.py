@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from lcr_fast.kernels import byol_loss
 from lcr_fast.lcr import RationaleBranch
 
-from .backbone import ResNetTrunk, load_pretrained, resolve_arch
+from .backbone import ResNetTrunk, both_views, load_pretrained, resolve_arch
 from .lcr import LCRModel, global_pool
 
 
@@ -74,8 +74,7 @@ class SimSiam(LCRModel):
                    per_sample_minmax=fixes.per_sample_minmax, detach_cam=fixes.detach_cam, scale_cam=fixes.scale_cam)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat1 = self.backbone(view1)
-        feat2 = self.backbone(view2)
+        feat1, feat2 = both_views(self.backbone, view1, view2)
         # The heads run in fp32 even under autocast, as BYOL's: GradCAM's gradient on layer4 lies below fp16's range.
         with torch.autocast(feat1.device.type, enabled=False):
             cam_feat = feat1.float()  # feat1 itself in fp32 training
