@@ -85,10 +85,11 @@ class ResNetTrunk(nn.Module):
         return self.training and "forward" not in self.__dict__ and fused_path(x)
 
 
-def both_views(trunk: ResNetTrunk, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def both_views(trunk: nn.Module, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each view's layer4 feature map: as one batch with per-view BatchNorm where the trunk says that is cheaper
-    (``ResNetTrunk.batches_views``), else a call per view; the same numbers to float rounding either way."""
-    if trunk.batches_views(view1):
+    (``ResNetTrunk.batches_views``), else a call per view (any other trunk: a model built around one's own, or
+    the launch recorder's stand-in); the same numbers to float rounding either way."""
+    if isinstance(trunk, ResNetTrunk) and trunk.batches_views(view1):
         return trunk(torch.cat([view1, view2]), views=2).chunk(2)
     return trunk(view1), trunk(view2)
 
