@@ -60,10 +60,16 @@ def operator_available() -> bool:
     return True
 
 
+def batch_norm_per_view(bn: nn.Module, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """``bn`` on each of the ``views`` equal batches of ``x`` in turn, as one call per view would normalise them
+    and move the running statistics; plain ``bn(x)`` for one view."""
+    return bn(x) if views == 1 else torch.cat([bn(part) for part in x.chunk(views)])
+
+
 def batch_norm_act_torch(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                          relu: bool = True, views: int = 1) -> torch.Tensor:
     """The plain path: torchvision's ``bn(x)`` (one call per view of the batch), ``+= residual``, in-place ReLU."""
-    out = bn(x) if views == 1 else torch.cat([bn(part) for part in x.chunk(views)])
+    out = batch_norm_per_view(bn, x, views)
     if residual is not None:
         out += residual
     return torch.relu_(out) if relu else out

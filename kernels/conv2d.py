@@ -31,11 +31,19 @@ KERNEL_SIZES = (1, 3)
 OP_NAME = "lcr_fast::conv2d_weight_grad"
 
 
+def _aten_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+                   input_grad: bool) -> torch.Tensor:
+    """ATen's input gradient (``input_grad``) or weight gradient of a stride-1 convolution without bias."""
+    mask = [input_grad, not input_grad, False]
+    grads = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False,
+                                                [0, 0], 1, mask)
+    return grads[0] if input_grad else grads[1]
+
+
 def weight_grad_torch(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       padding: int) -> torch.Tensor:
     """ATen's weight gradient of a stride-1 convolution (oneDNN on the CPU): the reference of the same math."""
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False,
-                                               [0, 0], 1, [False, True, False])[1]
+    return _aten_backward(grad_out, x, weight, padding, input_grad=False)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -56,6 +64,7 @@ def weight_grad_gemm(grad_out: torch.Tensor, x: torch.Tensor, kernel: int) -> to
     # On the padded grid, output pixel p meets input pixel p + kh * wp + kw for tap (kh, kw), within its image
     # whenever p is a real output pixel; grad_out is zero elsewhere on the grid, so each tap is one product
     # over all the batch's rows, without unfolding the input.
+    # Only the borders are zeroed (F.pad would fill the whole buffer, then copy the interior over it).
     padded_x = x.new_empty(n, hp, wp, c)
     padded_x[:, :pad] = 0
     padded_x[:, h + pad:] = 0
@@ -103,8 +112,7 @@ class _Conv2dGemmWeightGrad(torch.autograd.Function):
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [ctx.padding] * 2, [1, 1],
-                                                         False, [0, 0], 1, [True, False, False])[0]
+            grad_x = _aten_backward(grad_out, x, weight, ctx.padding, input_grad=True)
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad_gemm(grad_out, x, weight.shape[-1])
         return grad_x, grad_w, None

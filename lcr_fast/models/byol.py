@@ -74,4 +74,3 @@ class BYOL(LCRModel):
             z1_t, z2_t = self.target_projector(target, views=2).chunk(2)
         ssl_loss = byol_loss(p1, z2_t, p2, z1_t)
         return self.lcr_terms(ssl_loss, cam_feat, self.rationale(feat1))
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.batch_norm_act import batch_norm_per_view
+
 
 class MLP(nn.Module):
     """Linear(d, hidden) -> BatchNorm1d(hidden, eps 1e-5, momentum 0.1) -> ReLU -> Linear(hidden, out)."""
@@ -18,6 +20,4 @@ class MLP(nn.Module):
         """``x`` holds ``views`` equal batches, one after the other: the linear layers take them as one (each row's
         numbers are its own), BatchNorm each batch on its own and in order, as one call per view would."""
         linear, norm, relu = self.layer1
-        h = linear(x)
-        h = norm(h) if views == 1 else torch.cat([norm(chunk) for chunk in h.chunk(views)])
-        return self.layer2(relu(h))
+        return self.layer2(relu(batch_norm_per_view(norm, linear(x), views)))
